@@ -1,0 +1,3 @@
+from kleidi.cli import main
+
+main()

@@ -1,0 +1,283 @@
+"""The local backend: AES-256 KEK versions in a keyring file on the node (the embedded default).
+
+The keyring is a JSON file, mode 0600, owned by the user kleidi runs as::
+
+    {"format": "kleidi-keyring", "format_version": 1, "keyring_id": "<uuid4>", "current": 2,
+     "versions": [{"version": 1, "created": "...", "state": "retired", "retired": "..."},
+                  {"version": 2, "created": "...", "state": "active", "key": "<base64 AES-256>"}]}
+
+Versions only ever grow; a retired version keeps its entry (without key material) so its number
+and key_id are never handed out again. Every write goes through a lock file and is atomic
+(write a temp file, fsync, rename, fsync the directory): a crash leaves the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fcntl
+import json
+import os
+import stat
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kleidi._crypto import aead
+from kleidi._crypto.keyid import derive_key_id
+from kleidi.backends.base import Backend, KeySet, KeyVersion
+from kleidi.config import LocalBackendSettings
+from kleidi.errors import InvalidRequest, KeyringError, RetiredKey
+
+FORMAT = "kleidi-keyring"
+FORMAT_VERSION = 1
+ACTIVE = "active"
+RETIRED = "retired"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class KeyEntry:
+    version: int
+    created: str
+    state: str = ACTIVE
+    key: bytes | None = field(default=None, repr=False)
+    retired: str | None = None
+
+
+@dataclass
+class Keyring:
+    """The keyring file's contents. Mutate only inside :func:`edit_keyring`."""
+
+    keyring_id: str
+    current: int
+    versions: dict[int, KeyEntry]
+
+    # -- derived views -----------------------------------------------------------------------
+
+    def key_id(self, version: int) -> str:
+        entry = self.versions[version]
+        return derive_key_id(LocalBackend.kind, self.keyring_id, version, entry.created)
+
+    def key_set(self, generation: object = None) -> KeySet:
+        usable = {self.key_id(v): KeyVersion(self.key_id(v), v)
+                  for v, e in self.versions.items() if e.state == ACTIVE}
+        retired = frozenset(self.key_id(v) for v, e in self.versions.items() if e.state == RETIRED)
+        current = KeyVersion(self.key_id(self.current), self.current)
+        return KeySet(current=current, usable=usable, retired=retired, generation=generation)
+
+    # -- changes -----------------------------------------------------------------------------
+
+    @classmethod
+    def new(cls) -> Keyring:
+        return cls(keyring_id=str(uuid.uuid4()), current=1,
+                   versions={1: KeyEntry(version=1, created=_now(), key=aead.new_key())})
+
+    def rotate(self) -> KeyEntry:
+        """Add a new version and make it current."""
+        version = max(self.versions) + 1
+        entry = KeyEntry(version=version, created=_now(), key=aead.new_key())
+        self.versions[version] = entry
+        self.current = version
+        return entry
+
+    def retire(self, version: int) -> KeyEntry:
+        """Destroy a version's key material; ciphertexts wrapped with it can no longer be decrypted."""
+        entry = self.versions.get(version)
+        if entry is None:
+            raise InvalidRequest(f"keyring has no version {version}; see `kleidi keys`")
+        if version == self.current:
+            raise InvalidRequest(f"version {version} is current; rotate first (`kleidi rotate`), re-encrypt, "
+                                 "then retire it")
+        if entry.state == RETIRED:
+            raise InvalidRequest(f"version {version} is already retired")
+        entry.state, entry.key, entry.retired = RETIRED, None, _now()
+        return entry
+
+    # -- (de)serialisation -------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        versions = []
+        for v in sorted(self.versions):
+            e = self.versions[v]
+            item: dict[str, Any] = {"version": v, "created": e.created, "state": e.state}
+            if e.key is not None:
+                item["key"] = base64.b64encode(e.key).decode()
+            if e.retired is not None:
+                item["retired"] = e.retired
+            versions.append(item)
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "keyring_id": self.keyring_id,
+               "current": self.current, "versions": versions}
+        return json.dumps(doc, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, path: Path) -> Keyring:
+        def bad(why: str) -> KeyringError:
+            return KeyringError(f"keyring {path} is malformed: {why}; fix: restore it from your backup")
+
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise bad(f"not JSON (line {exc.lineno})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise bad(f"not a kleidi keyring (no \"format\": \"{FORMAT}\")")
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise KeyringError(f"keyring {path} has format_version {doc.get('format_version')!r}; this kleidi "
+                               f"reads {FORMAT_VERSION}; fix: upgrade kleidi")
+        try:
+            versions: dict[int, KeyEntry] = {}
+            for item in doc["versions"]:
+                version = int(item["version"])
+                if not 0 < version < 2**32 or version in versions:
+                    raise bad(f"version {version} is out of range or repeated")
+                state = item["state"]
+                if state == ACTIVE:
+                    key = base64.b64decode(item["key"], validate=True)
+                    if len(key) != aead.KEY_SIZE:
+                        raise bad(f"version {version} key is not {aead.KEY_SIZE} bytes")
+                elif state == RETIRED:
+                    key = None
+                else:
+                    raise bad(f"version {version} has unknown state {state!r}")
+                versions[version] = KeyEntry(version=version, created=str(item["created"]), state=state,
+                                             key=key, retired=item.get("retired"))
+            keyring = cls(keyring_id=str(doc["keyring_id"]), current=int(doc["current"]), versions=versions)
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            if isinstance(exc, KeyringError):
+                raise
+            raise bad(f"missing or invalid field ({type(exc).__name__}: {exc})") from None
+        current = versions.get(keyring.current)
+        if current is None or current.state != ACTIVE:
+            raise bad(f"current version {keyring.current} is missing or retired")
+        return keyring
+
+
+def check_file_safety(path: Path) -> os.stat_result:
+    """Refuse a keyring that is a symlink, not a regular file, readable by others, or not ours."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise KeyringError(f"keyring {path} does not exist; fix: create it with `kleidi keygen --keyring {path}` "
+                           "(or set backend.create_if_missing: true for a first try)") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise KeyringError(f"keyring {path} is a symbolic link; fix: point backend.keyring at the real file")
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyringError(f"keyring {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise KeyringError(f"keyring {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable or writable by "
+                           f"others; fix: chmod 600 {path}")
+    if st.st_uid != os.geteuid():
+        raise KeyringError(f"keyring {path} is owned by uid {st.st_uid}, not by uid {os.geteuid()} that kleidi "
+                           f"runs as; fix: chown {os.geteuid()} {path}")
+    return st
+
+
+def read_keyring(path: Path) -> tuple[Keyring, os.stat_result]:
+    st = check_file_safety(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise KeyringError(f"keyring {path} cannot be read: {exc.strerror}") from None
+    return Keyring.from_json(text, path), st
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    lock_path = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def create_keyring(path: Path) -> Keyring:
+    """Create a new keyring with one version. Never overwrites an existing file."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _locked(path):
+        if os.path.lexists(path):
+            raise KeyringError(f"keyring {path} already exists; kleidi never overwrites a keyring; fix: use "
+                               "`kleidi rotate` to add a version, or choose another path")
+        keyring = Keyring.new()
+        _write_atomically(path, keyring.to_json())
+    return keyring
+
+
+@contextlib.contextmanager
+def edit_keyring(path: Path) -> Iterator[Keyring]:
+    """Read, let the caller change, and atomically write back the keyring, under an exclusive lock."""
+    with _locked(path):
+        keyring, _ = read_keyring(path)
+        yield keyring
+        _write_atomically(path, keyring.to_json())
+
+
+class LocalBackend(Backend):
+    """KEK versions from a local keyring file; re-read whenever the file changes."""
+
+    kind: ClassVar[str] = "local"
+
+    def __init__(self, settings: LocalBackendSettings) -> None:
+        self._path = settings.keyring
+        if settings.create_if_missing and not os.path.lexists(self._path):
+            create_keyring(self._path)
+        self._keys: dict[int, bytes] = {}
+        self._key_set: KeySet | None = None
+        self._file_identity: tuple[int, int, int, int] | None = None
+
+    def describe(self) -> str:
+        return f"local keyring {self._path}"
+
+    async def load_keys(self) -> KeySet:
+        st = check_file_safety(self._path)
+        identity = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._key_set is not None and identity == self._file_identity:
+            return self._key_set
+        keyring, st = read_keyring(self._path)
+        self._keys = {v: e.key for v, e in keyring.versions.items() if e.key is not None}
+        self._file_identity = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        self._key_set = keyring.key_set(generation=self._file_identity)
+        return self._key_set
+
+    def _key(self, key: KeyVersion) -> bytes:
+        material = self._keys.get(key.version)
+        if material is None:
+            raise RetiredKey(f"key_id {key.key_id} (local version {key.version}) has been retired")
+        return material
+
+    async def wrap(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:
+        return aead.seal(self._key(key), plaintext, aad)
+
+    async def unwrap(self, key: KeyVersion, payload: bytes, aad: bytes) -> bytes:
+        return aead.open_sealed(self._key(key), payload, aad)
+
+    async def close(self) -> None:
+        self._keys = {}

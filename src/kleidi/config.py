@@ -1,0 +1,307 @@
+"""Settings: one YAML file, overridden by ``KLEIDI_*`` environment variables, overridden by CLI flags.
+
+Every setting is a field of a frozen pydantic model, grouped by concern and composed into
+:class:`KleidiSettings`. ``kleidi config schema`` prints the JSON Schema; docs/configuration.md is
+generated from the same models (``kleidi config docs``) and a test keeps the two in sync.
+
+Environment variables name a setting by its path, upper-cased, with ``__`` between levels:
+``KLEIDI_SERVER__ENDPOINT``, ``KLEIDI_BACKEND__KEYRING``. ``KLEIDI_CONFIG`` names the file.
+Secrets are never accepted on the command line: backends read them from files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_validator
+
+from kleidi.endpoint import parse_endpoint
+from kleidi.errors import ConfigError
+
+ENV_PREFIX = "KLEIDI_"
+ENV_CONFIG_FILE = "KLEIDI_CONFIG"
+ENV_SEPARATOR = "__"
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _parse_duration(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 5s, 1m or a number of seconds")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"expected a duration such as 500ms, 5s, 1m or a number of seconds, got {value!r}")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+def _parse_mode(value: Any) -> Any:
+    if isinstance(value, str):
+        if not re.fullmatch(r"0?o?[0-7]{3,4}", value.strip()):
+            raise ValueError(f"expected an octal file mode such as \"0600\", got {value!r}")
+        return int(value.strip().replace("o", ""), 8)
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, json_schema_extra={"x-kleidi-type": "duration"})]
+FileMode = Annotated[int, BeforeValidator(_parse_mode), Field(ge=0, le=0o7777),
+                     PlainSerializer(lambda v: f"{v:04o}", return_type=str)]
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ServerSettings(_Settings):
+    """The gRPC server that kube-apiserver calls."""
+
+    endpoint: str = "unix:///var/run/kleidi/kleidi.sock"
+    """Socket the plugin listens on: unix:///absolute/path, or unix:///@name for a Linux abstract
+    socket. Use the same value as `endpoint` in the EncryptionConfiguration."""
+
+    socket_mode: FileMode = 0o600
+    """Permission bits of the socket file, in octal. The apiserver runs as root, so 0600 is enough;
+    widen only together with socket_group."""
+
+    socket_group: str | int | None = None
+    """Group (name or gid) given to the socket file; null keeps kleidi's own group."""
+
+    enable_v1beta1: bool = False
+    """Also serve the deprecated KMS v1 API on the same socket, for clusters that still run
+    kms apiVersion v1 (Kubernetes < 1.29, or --feature-gates=KMSv1=true)."""
+
+    shutdown_timeout: Duration = 10.0
+    """On SIGTERM/SIGINT, how long in-flight calls may take to finish before they are cancelled."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_unix(cls, value: str) -> str:
+        parse_endpoint(value)
+        return value
+
+
+class LoggingSettings(_Settings):
+    """Logs go to stderr."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level written. debug adds one line per request (with the apiserver's uid)."""
+
+    format: Literal["auto", "json", "console"] = "auto"
+    """json: one JSON object per line; console: for people; auto: console on a terminal, else json."""
+
+
+class _BackendSettings(_Settings):
+    kind: str
+    """Backend type."""
+
+    refresh_interval: Duration = 5.0
+    """How often the backend's key versions are re-read in the background. Status is answered from
+    this state, never with a backend call; a rotation shows in Status within this interval."""
+
+    probe_interval: Duration = 30.0
+    """How often a wrap/unwrap round trip checks that the KEK works; Status healthz reflects it."""
+
+    timeout: Duration = 2.0
+    """Longest wait for one backend call. Keep it under the apiserver's KMS timeout (3s by default)
+    so that a slow backend gives a clear UNAVAILABLE instead of a deadline error."""
+
+
+class LocalBackendSettings(_BackendSettings):
+    """A software KEK kept in a keyring file on the node (AES-256-GCM)."""
+
+    kind: Literal["local"] = "local"
+    """Backend type."""
+
+    keyring: Path = Path("/var/lib/kleidi/keyring.json")
+    """Keyring file holding the KEK versions. Must be mode 0600 (or stricter) and owned by the user
+    kleidi runs as. Create it with `kleidi keygen`."""
+
+    create_if_missing: bool = False
+    """Create a new keyring at start-up if the file does not exist. Convenient for a first try; in
+    production create it with `kleidi keygen` and back it up."""
+
+
+DEFAULT_BACKEND = "local"
+
+
+def _default_backend_kind(value: Any) -> Any:
+    # The local backend is the embedded default: a backend section without `kind` means local.
+    if isinstance(value, dict) and "kind" not in value:
+        return {"kind": DEFAULT_BACKEND, **value}
+    return value
+
+
+BackendSettings = Annotated[LocalBackendSettings, Field(discriminator="kind"), BeforeValidator(_default_backend_kind)]
+
+
+class KleidiSettings(_Settings):
+    """All of kleidi's settings."""
+
+    server: ServerSettings = ServerSettings()
+    """The gRPC server that kube-apiserver calls."""
+
+    logging: LoggingSettings = LoggingSettings()
+    """Log output."""
+
+    backend: BackendSettings = LocalBackendSettings()
+    """Where the KEK lives. `kind` selects the backend; the other fields depend on it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _env_value(raw: str) -> Any:
+    """Environment values are strings; JSON lists and objects are decoded so they can set lists."""
+    stripped = raw.strip()
+    if stripped[:1] in "[{":
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; fix: create it (see docs/configuration.md) "
+                          f"or point --config / {ENV_CONFIG_FILE} at the right file")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}; fix: check its permissions") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not a {type(loaded).__name__}")
+    return loaded
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None,
+                  overrides: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> KleidiSettings:
+    """Build the settings: defaults < YAML file < ``KLEIDI_*`` environment < ``overrides`` (CLI flags).
+
+    ``overrides`` maps dotted paths (``server.endpoint``) to values; ``None`` values are ignored.
+    Raises :class:`ConfigError` with one line per problem, each naming the field and the fix.
+    """
+    environ = os.environ if environ is None else environ
+    origins: dict[tuple[str, ...], str] = {}
+    data: dict[str, Any] = {}
+    file_label = "defaults"
+    if config_file is None and environ.get(ENV_CONFIG_FILE):
+        config_file = environ[ENV_CONFIG_FILE]
+    if config_file is not None:
+        path = Path(config_file)
+        data = _read_file(path)
+        file_label = str(path)
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        parts = tuple(p.lower() for p in name[len(ENV_PREFIX):].split(ENV_SEPARATOR))
+        if not all(parts):
+            raise ConfigError(f"environment variable {name} is not a setting path; fix: use "
+                              f"{ENV_PREFIX}SECTION{ENV_SEPARATOR}FIELD, e.g. KLEIDI_SERVER__ENDPOINT")
+        _set_path(data, parts, _env_value(raw))
+        origins[parts] = f"environment variable {name}"
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        parts = tuple(dotted.split("."))
+        _set_path(data, parts, value)
+        origins[parts] = "command-line flag"
+    try:
+        return KleidiSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, file_label, origins)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Error messages that name the field and the fix
+
+
+def _field_info(path: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """(description of the field at ``path``, names of its siblings) by walking the models."""
+    model: Any = KleidiSettings
+    description = None
+    siblings: list[str] = []
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return None, []
+        siblings = list(fields)
+        if part not in fields:
+            return None, siblings
+        info = fields[part]
+        description = info.description
+        model = info.annotation
+    return description, siblings
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    # The discriminated union inserts the tag ("local") into the location; drop it.
+    parts = [str(p) for p in loc]
+    if len(parts) >= 2 and parts[0] == "backend" and parts[1] in ("local",):
+        del parts[1]
+    return tuple(parts)
+
+
+def format_validation_error(exc: ValidationError, source: str,
+                            origins: Mapping[tuple[str, ...], str] | None = None) -> str:
+    origins = origins or {}
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        path = _clean_loc(err["loc"])
+        dotted = ".".join(path) or "(top level)"
+        origin = origins.get(path)
+        where = f" (from {origin})" if origin else ""
+        description, siblings = _field_info(path)
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(path[-1], siblings, n=1)
+            hint = f"did you mean {'.'.join((*path[:-1], close[0]))!r}?" if close else \
+                f"valid fields here: {', '.join(siblings)}"
+            lines.append(f"  {dotted}{where}: unknown field; fix: remove it ({hint})")
+            continue
+        if err["type"] == "union_tag_invalid":
+            lines.append(f"  {dotted}.kind{where}: unknown backend kind {err['input'].get('kind')!r}; "
+                         "fix: use one of: local")
+            continue
+        message = str(err["msg"]).removeprefix("Value error, ")
+        given = err.get("input")
+        got = f" (got {given!r})" if isinstance(given, str | int | float | bool) else ""
+        fix = f"; fix: {' '.join(description.split())}" if description else ""
+        lines.append(f"  {dotted}{where}: {message}{got}{fix}")
+    return "\n".join(lines)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = KleidiSettings.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "kleidi configuration"
+    return schema

@@ -1,0 +1,133 @@
+"""The unix socket kube-apiserver dials: parsing its endpoint, preparing the path, locking it down."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import os
+import socket as _socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from kleidi.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A parsed ``unix://`` endpoint: a filesystem path, or a Linux abstract socket name."""
+
+    url: str
+    path: Path | None = None
+    abstract_name: str | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        """The address grpcio understands for this endpoint."""
+        if self.abstract_name is not None:
+            return f"unix-abstract:{self.abstract_name}"
+        return f"unix://{self.path}"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def parse_endpoint(url: str) -> Endpoint:
+    """Parse an endpoint the way the apiserver does (kms-protocol.md §1.1).
+
+    ``unix:///var/run/kms.sock`` is the path ``/var/run/kms.sock``; ``unix:///@name`` is the abstract
+    socket ``name``. Anything else raises :class:`ConfigError` with the fix.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme != "unix":
+        raise ValueError(f"endpoint must start with unix:// (the apiserver only speaks to unix sockets), got {url!r}")
+    if parsed.netloc:
+        raise ValueError(f"endpoint {url!r} has a host part {parsed.netloc!r}; use three slashes: "
+                         f"unix:///{parsed.netloc}{parsed.path}")
+    if not parsed.path or parsed.path == "/":
+        raise ValueError(f"endpoint {url!r} names no socket path")
+    if parsed.path.startswith("/@"):
+        name = parsed.path[2:]
+        if not name:
+            raise ValueError(f"endpoint {url!r} names an empty abstract socket")
+        return Endpoint(url=url, abstract_name=name)
+    return Endpoint(url=url, path=Path(parsed.path))
+
+
+def _is_listening(path: Path) -> bool:
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise
+    finally:
+        probe.close()
+    return True
+
+
+def prepare_path(endpoint: Endpoint) -> None:
+    """Make the socket path ready to bind, or refuse with the reason.
+
+    Refuses a symlink, a regular file or any other non-socket at the path, and a socket another
+    process is listening on. Removes a stale socket left by a dead process. Creates a missing parent
+    directory with mode 0700.
+    """
+    path = endpoint.path
+    if path is None:
+        return
+    if not path.is_absolute():
+        raise ConfigError(f"server.endpoint: socket path {path} must be absolute; fix: unix:///absolute/path")
+    with contextlib.suppress(FileExistsError):
+        path.parent.mkdir(mode=0o700, parents=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"server.endpoint: {path} is a symbolic link; kleidi will not follow it; "
+                          "fix: remove the link or choose another path")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"server.endpoint: {path} exists and is not a socket; kleidi will not replace it; "
+                          "fix: remove it or choose another path")
+    if _is_listening(path):
+        raise ConfigError(f"server.endpoint: another process is already serving on {path}; "
+                          "fix: stop it, or choose another path")
+    path.unlink()
+
+
+def restrict(endpoint: Endpoint, mode: int, group: str | int | None) -> None:
+    """Apply the configured mode and group to a bound socket file."""
+    if endpoint.path is None:
+        return
+    if group is not None:
+        try:
+            gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"server.socket_group: no group named {group!r}; fix: use an existing group "
+                              "name or gid") from None
+        os.chown(endpoint.path, -1, gid)
+    os.chmod(endpoint.path, mode)
+
+
+def remove(endpoint: Endpoint, inode: int | None) -> None:
+    """Remove our socket file at shutdown, but never one that another process has since bound."""
+    if endpoint.path is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(endpoint.path)
+        if stat.S_ISSOCK(st.st_mode) and (inode is None or st.st_ino == inode):
+            endpoint.path.unlink()
+
+
+def inode_of(endpoint: Endpoint) -> int | None:
+    if endpoint.path is None:
+        return None
+    try:
+        return os.lstat(endpoint.path).st_ino
+    except FileNotFoundError:
+        return None

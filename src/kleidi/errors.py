@@ -1,0 +1,55 @@
+"""kleidi's one exception tree.
+
+::
+
+    KleidiError
+    ├── ConfigError            bad or missing configuration; start-up stops with the field and the fix
+    ├── InvalidRequest         the caller sent something kleidi refuses (gRPC INVALID_ARGUMENT)
+    ├── UnknownKey             a key_id kleidi never produced (gRPC NOT_FOUND)
+    ├── RetiredKey             a key_id whose KEK version was retired (gRPC FAILED_PRECONDITION)
+    ├── DecryptionFailed       integrity failure: tampered ciphertext, wrong key_id or annotations
+    │                          (gRPC INVALID_ARGUMENT; deliberately says nothing more)
+    ├── BackendUnavailable     the KEK cannot be used right now; retry later (gRPC UNAVAILABLE)
+    └── KeyringError           the local keyring file is missing, unsafe or malformed
+
+Messages never hold plaintext, seeds, keys, tokens or passwords: they are logged and sent to the
+apiserver as they are.
+"""
+
+from __future__ import annotations
+
+
+class KleidiError(Exception):
+    """Base of every error kleidi raises on purpose."""
+
+
+class ConfigError(KleidiError):
+    """The configuration is invalid; the message names the field and the fix."""
+
+
+class InvalidRequest(KleidiError):
+    """A request kleidi refuses; the message gives the reason."""
+
+
+class UnknownKey(KleidiError):
+    """The request names a key_id that this kleidi never produced."""
+
+
+class RetiredKey(KleidiError):
+    """The request names a key_id whose KEK version has been retired."""
+
+
+class DecryptionFailed(KleidiError):
+    """The ciphertext did not authenticate. Opaque by design: no detail helps an attacker."""
+
+    def __init__(self, message: str = "ciphertext failed authentication: tampered, truncated, "
+                 "or bound to another key_id or annotations") -> None:
+        super().__init__(message)
+
+
+class BackendUnavailable(KleidiError):
+    """The backend cannot be used now; the operation may succeed later."""
+
+
+class KeyringError(KleidiError):
+    """The local keyring file is missing, has unsafe permissions, or is malformed."""

@@ -1,0 +1,111 @@
+"""``kleidi serve``: the gRPC server on the unix socket, its lifecycle and its signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import grpc
+
+from kleidi import __version__, endpoint
+from kleidi._proto.kmsv1beta1 import api_pb2_grpc as v1_grpc
+from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
+from kleidi.backends.base import Backend
+from kleidi.config import KleidiSettings
+from kleidi.errors import ConfigError, KeyringError
+from kleidi.registry import create_backend
+from kleidi.service.core import EnvelopeService
+from kleidi.service.grpc_api import KMSv1beta1Servicer, KMSv2Servicer
+from kleidi.service.keys import KeyManager
+
+log = logging.getLogger("kleidi.server")
+
+_MAX_MESSAGE = 256 * 1024  # the largest legal request (32 KiB annotations + 1 KiB ciphertext) fits many times
+
+
+class Server:
+    """One kleidi instance: backend, key state, gRPC server. ``run()`` serves until ``stop()``."""
+
+    def __init__(self, settings: KleidiSettings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.endpoint = endpoint.parse_endpoint(settings.server.endpoint)
+        self.backend = backend if backend is not None else create_backend(settings.backend)
+        b = settings.backend
+        self.keys = KeyManager(self.backend, b.refresh_interval, b.probe_interval, call_timeout=b.timeout)
+        self._stop = asyncio.Event()
+        self._inode: int | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        log.info("SIGHUP: re-reading keys")
+        self.keys.trigger()
+
+    async def _start_grpc(self) -> grpc.aio.Server:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_MESSAGE),
+                                          ("grpc.so_reuseport", 0)])
+        envelope_service = EnvelopeService(self.keys)
+        v2_grpc.add_KeyManagementServiceServicer_to_server(KMSv2Servicer(self.keys, envelope_service), server)
+        if self.settings.server.enable_v1beta1:
+            v1_grpc.add_KeyManagementServiceServicer_to_server(KMSv1beta1Servicer(envelope_service), server)
+        endpoint.prepare_path(self.endpoint)
+        # The socket must never exist with a wider mode, even for a moment: bind under a tight umask.
+        old_umask = os.umask(0o177)
+        try:
+            if server.add_insecure_port(self.endpoint.grpc_address) == 0:
+                raise ConfigError(f"server.endpoint: cannot bind {self.endpoint}; fix: check that the directory "
+                                  "exists and is writable")
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        endpoint.restrict(self.endpoint, self.settings.server.socket_mode, self.settings.server.socket_group)
+        self._inode = endpoint.inode_of(self.endpoint)
+        return server
+
+    async def run(self, install_signal_handlers: bool = True) -> None:
+        # A keyring or config problem at start-up stops kleidi; a backend outage does not.
+        await self.keys.refresh(fatal=(KeyringError, ConfigError))
+        if self.keys.key_set is None:
+            log.warning("starting without keys: %s; Status reports unhealthy until the backend answers",
+                        self.keys.health.detail)
+        server = await self._start_grpc()
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            loop.add_signal_handler(signal.SIGTERM, self.stop)
+            loop.add_signal_handler(signal.SIGINT, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.endpoint.abstract_name is not None:
+            log.warning("abstract socket @%s has no file permissions: any process in this network namespace "
+                        "can connect", self.endpoint.abstract_name)
+        refresher = asyncio.create_task(self.keys.run(), name="kleidi-key-refresh")
+        key_set = self.keys.key_set
+        log.info("kleidi %s serving KMS %s on %s (%s)", __version__,
+                 "v2 + v1beta1" if self.settings.server.enable_v1beta1 else "v2", self.endpoint,
+                 self.backend.describe(),
+                 extra={"fields": {"key_id": key_set.current.key_id if key_set else None,
+                                   "healthz": self.keys.health.detail}})
+        try:
+            await self._stop.wait()
+            grace = self.settings.server.shutdown_timeout
+            log.info("shutting down: finishing in-flight calls (up to %.1fs)", grace)
+            if install_signal_handlers:
+                # A second signal ends the wait for in-flight calls at once.
+                loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.stop(0)))
+                loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.stop(0)))
+            await server.stop(grace)
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            endpoint.remove(self.endpoint, self._inode)
+            await self.backend.close()
+            log.info("stopped")
+
+
+def serve(settings: KleidiSettings) -> None:
+    """Build the server and run it until SIGTERM/SIGINT."""
+    asyncio.run(Server(settings).run())

@@ -1,0 +1,100 @@
+"""Encrypt and Decrypt as kleidi defines them, for any backend and either protocol.
+
+Encrypt wraps the seed with the current KEK version inside kleidi's envelope
+(:mod:`kleidi._crypto.envelope`); Decrypt checks the request against what kleidi produced (key_id
+known and not retired, annotations exactly kleidi's, envelope format and key version matching
+the key_id) before it calls the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kleidi._crypto import envelope
+from kleidi.backends.base import KeySet, KeyVersion
+from kleidi.errors import BackendUnavailable, DecryptionFailed, InvalidRequest, RetiredKey, UnknownKey
+from kleidi.service import validation
+from kleidi.service.keys import KeyManager
+
+V2 = "v2"
+V1BETA1 = "v1beta1"
+
+ANNOTATIONS: dict[str, bytes] = {"envelope.kleidi.io": b"1"}
+"""What Encrypt returns (KMS v2): marks the value in etcd as kleidi's, envelope format 1. Stored in
+plaintext by the apiserver and bound into the envelope's authenticated data."""
+
+
+@dataclass(frozen=True)
+class Sealed:
+    ciphertext: bytes
+    key_id: str
+    annotations: Mapping[str, bytes]
+
+
+class EnvelopeService:
+    def __init__(self, keys: KeyManager) -> None:
+        self._keys = keys
+
+    def _key_set(self) -> KeySet:
+        key_set = self._keys.key_set
+        if key_set is None:
+            raise BackendUnavailable(f"no keys loaded yet: {self._keys.health.detail}")
+        return key_set
+
+    async def _call(self, coro: object) -> bytes:
+        try:
+            async with asyncio.timeout(self._keys.call_timeout):
+                return await coro  # type: ignore[misc,no-any-return]
+        except TimeoutError:
+            raise BackendUnavailable("backend did not answer in time") from None
+
+    async def encrypt(self, plaintext: bytes, protocol: str = V2) -> Sealed:
+        validation.check_plaintext(plaintext)
+        key = self._key_set().current
+        annotations = ANNOTATIONS if protocol == V2 else {}
+        header = envelope.Envelope(envelope.FORMAT_V1, key.version, b"").header()
+        aad = envelope.associated_data(header, protocol, key.key_id, annotations)
+        payload = await self._call(self._keys.backend.wrap(key, plaintext, aad))
+        ciphertext = header + payload
+        if protocol == V2 and len(ciphertext) > validation.MAX_CIPHERTEXT_SIZE:
+            raise InvalidRequest(f"wrapped seed is {len(ciphertext)} bytes, over the apiserver's "
+                                 f"{validation.MAX_CIPHERTEXT_SIZE}; send a shorter plaintext")
+        return Sealed(ciphertext=ciphertext, key_id=key.key_id, annotations=annotations)
+
+    def _resolve(self, key_set: KeySet, key_id: str) -> KeyVersion:
+        key = key_set.usable.get(key_id)
+        if key is not None:
+            return key
+        if key_id in key_set.retired:
+            raise RetiredKey(f"key_id {key_id} has been retired; its ciphertexts can no longer be decrypted")
+        raise UnknownKey(f"key_id {key_id[:128]} was not produced by this kleidi's {self._keys.backend.kind} "
+                         "backend")
+
+    async def decrypt(self, ciphertext: bytes, key_id: str, annotations: Mapping[str, bytes]) -> bytes:
+        """KMS v2 Decrypt: every check runs before the backend is called."""
+        validation.check_ciphertext(ciphertext)
+        validation.check_key_id(key_id)
+        validation.check_annotations(annotations)
+        sealed = envelope.parse(ciphertext)
+        if dict(annotations) != ANNOTATIONS:
+            raise InvalidRequest("annotations differ from the ones kleidi returned at Encrypt "
+                                 f"(expected keys: {sorted(ANNOTATIONS)}, got: {sorted(annotations)[:8]})")
+        key = self._resolve(self._key_set(), key_id)
+        if sealed.key_version != key.version:
+            raise DecryptionFailed()
+        aad = envelope.associated_data(sealed.header(), V2, key_id, annotations)
+        return await self._call(self._keys.backend.unwrap(key, sealed.payload, aad))
+
+    async def decrypt_v1beta1(self, ciphertext: bytes) -> bytes:
+        """KMS v1 Decrypt: no key_id on the wire, so the envelope's key version selects the KEK."""
+        validation.check_ciphertext(ciphertext)
+        sealed = envelope.parse(ciphertext)
+        key_set = self._key_set()
+        matches = [k for k in key_set.usable.values() if k.version == sealed.key_version]
+        if not matches:
+            raise UnknownKey(f"no usable KEK version {sealed.key_version} (retired or never existed)")
+        key = matches[0]
+        aad = envelope.associated_data(sealed.header(), V1BETA1, key.key_id, {})
+        return await self._call(self._keys.backend.unwrap(key, sealed.payload, aad))

@@ -1,0 +1,126 @@
+"""gRPC servicers for KMS v2 and v1beta1: decode, call :class:`EnvelopeService`, map errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+
+from kleidi import __version__
+from kleidi._proto.kmsv1beta1 import api_pb2 as v1_pb
+from kleidi._proto.kmsv1beta1 import api_pb2_grpc as v1_grpc
+from kleidi._proto.kmsv2 import api_pb2 as v2_pb
+from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
+from kleidi.errors import (
+    BackendUnavailable,
+    DecryptionFailed,
+    InvalidRequest,
+    KeyringError,
+    KleidiError,
+    RetiredKey,
+    UnknownKey,
+)
+from kleidi.service.core import V1BETA1, EnvelopeService
+from kleidi.service.keys import KeyManager
+
+log = logging.getLogger("kleidi.grpc")
+
+STATUS_VERSION = "v2"
+
+GRPC_CODES: dict[type[KleidiError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    DecryptionFailed: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownKey: grpc.StatusCode.NOT_FOUND,
+    RetiredKey: grpc.StatusCode.FAILED_PRECONDITION,
+    BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    KeyringError: grpc.StatusCode.UNAVAILABLE,
+}
+"""The one table from kleidi errors to gRPC status codes; anything else is INTERNAL."""
+
+
+def grpc_code(exc: KleidiError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in GRPC_CODES:
+            return GRPC_CODES[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+@asynccontextmanager
+async def _handled(context: grpc.aio.ServicerContext[Any, Any], method: str, uid: str) -> AsyncIterator[None]:
+    """Log the call and turn kleidi errors into gRPC status codes with their reason."""
+    started = time.perf_counter()
+    fields: dict[str, Any] = {"method": method, "uid": uid}
+    try:
+        yield
+    except KleidiError as exc:
+        code = grpc_code(exc)
+        fields.update(code=code.name, latency_ms=round((time.perf_counter() - started) * 1000, 3))
+        log.warning("%s failed: %s", method, exc, extra={"fields": fields})
+        await context.abort(code, str(exc))
+    except Exception:
+        fields["code"] = "INTERNAL"
+        log.exception("%s failed with an unexpected error", method, extra={"fields": fields})
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the kleidi log")
+    else:
+        if log.isEnabledFor(logging.DEBUG):
+            fields.update(code="OK", latency_ms=round((time.perf_counter() - started) * 1000, 3))
+            log.debug("%s ok", method, extra={"fields": fields})
+
+
+class KMSv2Servicer(v2_grpc.KeyManagementServiceServicer):
+    def __init__(self, keys: KeyManager, service: EnvelopeService) -> None:
+        self._keys = keys
+        self._service = service
+
+    async def Status(self, request: v2_pb.StatusRequest, context: Any) -> v2_pb.StatusResponse:
+        health = self._keys.health
+        key_set = self._keys.key_set
+        key_id = key_set.current.key_id if key_set is not None else ""
+        return v2_pb.StatusResponse(version=STATUS_VERSION, healthz=health.detail, key_id=key_id)
+
+    async def Encrypt(self, request: v2_pb.EncryptRequest, context: Any) -> v2_pb.EncryptResponse:
+        async with _handled(context, "Encrypt", request.uid):
+            sealed = await self._service.encrypt(request.plaintext)
+            return v2_pb.EncryptResponse(ciphertext=sealed.ciphertext, key_id=sealed.key_id,
+                                         annotations=dict(sealed.annotations))
+        raise AssertionError("unreachable: _handled aborts on error")
+
+    async def Decrypt(self, request: v2_pb.DecryptRequest, context: Any) -> v2_pb.DecryptResponse:
+        async with _handled(context, "Decrypt", request.uid):
+            plaintext = await self._service.decrypt(request.ciphertext, request.key_id, request.annotations)
+            return v2_pb.DecryptResponse(plaintext=plaintext)
+        raise AssertionError("unreachable: _handled aborts on error")
+
+
+class KMSv1beta1Servicer(v1_grpc.KeyManagementServiceServicer):
+    def __init__(self, service: EnvelopeService) -> None:
+        self._service = service
+
+    @staticmethod
+    async def _check_version(request: Any, context: Any) -> None:
+        if request.version != V1BETA1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unsupported KMS API version {request.version[:32]!r}; only v1beta1")
+
+    async def Version(self, request: v1_pb.VersionRequest, context: Any) -> v1_pb.VersionResponse:
+        await self._check_version(request, context)
+        return v1_pb.VersionResponse(version=V1BETA1, runtime_name="kleidi", runtime_version=__version__)
+
+    async def Encrypt(self, request: v1_pb.EncryptRequest, context: Any) -> v1_pb.EncryptResponse:
+        await self._check_version(request, context)
+        async with _handled(context, "v1beta1.Encrypt", ""):
+            sealed = await self._service.encrypt(request.plain, V1BETA1)
+            return v1_pb.EncryptResponse(cipher=sealed.ciphertext)
+        raise AssertionError("unreachable: _handled aborts on error")
+
+    async def Decrypt(self, request: v1_pb.DecryptRequest, context: Any) -> v1_pb.DecryptResponse:
+        await self._check_version(request, context)
+        async with _handled(context, "v1beta1.Decrypt", ""):
+            return v1_pb.DecryptResponse(plain=await self._service.decrypt_v1beta1(request.cipher))
+        raise AssertionError("unreachable: _handled aborts on error")
+
+

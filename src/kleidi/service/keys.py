@@ -1,0 +1,117 @@
+"""The backend's key state, kept fresh in the background so that Status never calls the backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from kleidi.backends.base import Backend, KeySet
+from kleidi.errors import KleidiError
+
+log = logging.getLogger("kleidi.keys")
+
+_PROBE_AAD = b"kleidi health probe"
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str
+    """"ok", or a short non-secret reason shown in Status healthz and the apiserver's /readyz."""
+
+
+class KeyManager:
+    """Owns the current :class:`KeySet` and the backend's health.
+
+    ``refresh()`` re-reads key versions (cheap when nothing changed); ``probe()`` does a wrap/unwrap
+    round trip with a random value. ``run()`` repeats both on their intervals; ``trigger()`` (SIGHUP)
+    refreshes at once.
+    """
+
+    def __init__(self, backend: Backend, refresh_interval: float, probe_interval: float,
+                 call_timeout: float) -> None:
+        self.backend = backend
+        self.refresh_interval = refresh_interval
+        self.probe_interval = probe_interval
+        self.call_timeout = call_timeout
+        self.key_set: KeySet | None = None
+        self._refresh_error: str | None = "keys not loaded yet"
+        self._probe_error: str | None = "not probed yet"
+        self._wake = asyncio.Event()
+        self._probed_generation: object = object()
+
+    @property
+    def health(self) -> Health:
+        problem = self._refresh_error or self._probe_error
+        return Health(ok=problem is None, detail=problem or "ok")
+
+    def trigger(self) -> None:
+        """Refresh now (e.g. on SIGHUP) instead of at the next interval."""
+        self._wake.set()
+
+    async def refresh(self, fatal: tuple[type[Exception], ...] = ()) -> KeySet | None:
+        """Re-read the key set; errors make Status unhealthy but keep the last good keys, except
+        those in ``fatal`` (used at start-up), which propagate."""
+        try:
+            async with asyncio.timeout(self.call_timeout):
+                key_set = await self.backend.load_keys()
+        except fatal:
+            raise
+        except (KleidiError, TimeoutError) as exc:
+            reason = str(exc) if isinstance(exc, KleidiError) else "backend did not answer in time"
+            if reason != self._refresh_error:
+                log.error("cannot load keys from %s: %s", self.backend.describe(), reason)
+            self._refresh_error = reason
+            return self.key_set
+        previous, self.key_set = self.key_set, key_set
+        if self._refresh_error is not None and previous is not None:
+            log.info("keys loaded again from %s", self.backend.describe())
+        self._refresh_error = None
+        if previous is None or previous.current.key_id != key_set.current.key_id:
+            log.info("current KEK: key_id %s (version %d)", key_set.current.key_id, key_set.current.version,
+                     extra={"fields": {"key_id": key_set.current.key_id,
+                                       "previous_key_id": previous.current.key_id if previous else None}})
+        if key_set.generation != self._probed_generation:
+            await self.probe()
+        return key_set
+
+    async def probe(self) -> None:
+        key_set = self.key_set
+        if key_set is None:
+            return
+        sample = os.urandom(32)
+        try:
+            async with asyncio.timeout(self.call_timeout):
+                payload = await self.backend.wrap(key_set.current, sample, _PROBE_AAD)
+                back = await self.backend.unwrap(key_set.current, payload, _PROBE_AAD)
+            if not hmac.compare_digest(back, sample):
+                raise KleidiError("round trip returned other bytes")
+        except (KleidiError, TimeoutError) as exc:
+            reason = str(exc) if isinstance(exc, KleidiError) else "backend did not answer in time"
+            reason = f"health probe failed: {reason}"
+            if reason != self._probe_error:
+                log.error("%s (%s)", reason, self.backend.describe())
+            self._probe_error = reason
+            return
+        if self._probe_error is not None and self._probe_error != "not probed yet":
+            log.info("health probe passes again (%s)", self.backend.describe())
+        self._probe_error = None
+        self._probed_generation = key_set.generation
+
+    async def run(self) -> None:
+        """Refresh and probe forever; cancel to stop."""
+        next_probe = time.monotonic() + self.probe_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.refresh_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.refresh()
+            if time.monotonic() >= next_probe:
+                await self.probe()
+                next_probe = time.monotonic() + self.probe_interval
