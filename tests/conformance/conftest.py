@@ -1,0 +1,62 @@
+"""The plugin under test for the conformance suite. Each backend supplies one ``plugin`` fixture
+variant; the tests themselves only speak KMS v2 over the socket, as kube-apiserver does."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from tests.conftest import KleidiProcess, run_kleidi
+
+
+@dataclass
+class PluginUnderTest:
+    """A running kleidi plus the backend-side controls the conformance tests need."""
+
+    proc: KleidiProcess
+    rotate: Callable[[], None]
+    """Make a new KEK version current in the backend."""
+    retire: Callable[[str], None]
+    """Make the KEK version behind a key_id unusable for decryption."""
+    start_peer: Callable[[], KleidiProcess]
+    """Start a second kleidi on the same key material (another control-plane node)."""
+    seeds_sent: list[bytes] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.proc, name)
+
+
+def _local_plugin(kleidi_factory: Any) -> PluginUnderTest:
+    proc: KleidiProcess = kleidi_factory("kleidi")
+    keyring = str(proc.keyring)
+
+    def rotate() -> None:
+        result = run_kleidi("rotate", "--keyring", keyring)
+        assert result.returncode == 0, result.stderr
+
+    def retire(key_id: str) -> None:
+        listing = json.loads(run_kleidi("keys", "--keyring", keyring, "--json").stdout)
+        version = next(v["version"] for v in listing["versions"] if v["key_id"] == key_id)
+        result = run_kleidi("retire", str(version), "--yes", "--keyring", keyring)
+        assert result.returncode == 0, result.stderr
+
+    def start_peer() -> KleidiProcess:
+        peer: KleidiProcess = kleidi_factory("peer", keyring=proc.keyring)
+        return peer
+
+    return PluginUnderTest(proc=proc, rotate=rotate, retire=retire, start_peer=start_peer)
+
+
+@pytest.fixture(params=["local"])
+def plugin(request: pytest.FixtureRequest, kleidi_factory: Any) -> Iterator[PluginUnderTest]:
+    under_test = _local_plugin(kleidi_factory)
+    yield under_test
+    # Nothing secret in the log: no seed this test sent may appear in any encoding.
+    log = under_test.proc.log()
+    for seed in under_test.seeds_sent:
+        for form in (seed.hex(), seed.hex().upper(), __import__("base64").b64encode(seed).decode()):
+            assert form not in log, "a seed reached the log"
