@@ -74,7 +74,7 @@ class KleidiProcess:
 
     def start(self, wait: bool = True) -> KleidiProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KLEIDI_")}
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command, stdout=log, stderr=log, env=env)
         log.close()
         if wait:

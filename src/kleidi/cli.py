@@ -163,7 +163,8 @@ def keys(config_file: Path | None, keyring: Path | None, as_json: bool) -> None:
     for column in ("version", "state", "current", "created", "key_id"):
         table.add_column(column)
     for row in rows:
-        table.add_row(str(row["version"]), row["state"], "*" if row["current"] else "", row["created"], row["key_id"])
+        table.add_row(str(row["version"]), str(row["state"]), "*" if row["current"] else "", str(row["created"]),
+                      str(row["key_id"]))
     Console().print(table)
 
 

@@ -54,7 +54,8 @@ def _parse_mode(value: Any) -> Any:
     return value
 
 
-Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, json_schema_extra={"x-kleidi-type": "duration"})]
+Duration = Annotated[float, BeforeValidator(_parse_duration),
+                     Field(gt=0, json_schema_extra={"x-kleidi-type": "duration"})]
 FileMode = Annotated[int, BeforeValidator(_parse_mode), Field(ge=0, le=0o7777),
                      PlainSerializer(lambda v: f"{v:04o}", return_type=str)]
 

@@ -168,8 +168,8 @@ def test_decrypt_checks_annotations_are_the_ones_returned(plugin: PluginUnderTes
     value = seed(plugin)
     good = plugin.encrypt(value)
     (name, content), = good.annotations.items()
-    for annotations in ({}, {name: content + b"x"}, {name: b""}, {**good.annotations, "extra.example.io": b"1"}):
-        error = rpc_error(plugin.decrypt, good.ciphertext, good.key_id, annotations)
+    for wrong in ({}, {name: content + b"x"}, {name: b""}, {**good.annotations, "extra.example.io": b"1"}):
+        error = rpc_error(plugin.decrypt, good.ciphertext, good.key_id, wrong)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

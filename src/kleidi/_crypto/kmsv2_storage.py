@@ -89,7 +89,8 @@ def decrypt_object(obj: StoredObject, dek_source: bytes, etcd_key: str) -> bytes
             body = data[INFO_SIZE:]
         else:
             dek, body = dek_source, data
-        return AESGCM(dek).decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], aad)
+        plaintext: bytes = AESGCM(dek).decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], aad)
+        return plaintext
     except (InvalidTag, ValueError):
         raise DecryptionFailed("object did not authenticate: wrong seed, wrong etcd key, or tampered") from None
 

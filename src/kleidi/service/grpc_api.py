@@ -45,7 +45,7 @@ GRPC_CODES: dict[type[KleidiError], grpc.StatusCode] = {
 def grpc_code(exc: KleidiError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in GRPC_CODES:
-            return GRPC_CODES[cls]  # type: ignore[index]
+            return GRPC_CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 

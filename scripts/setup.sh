@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: a virtualenv in .venv with kleidi installed (editable).
+# Usage: scripts/setup.sh [runtime|test]   (test adds the test tools; default runtime)
+# Re-running is fast: pip is only called when pyproject.toml changed since the last install.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+profile=${1:-runtime}
+venv=${KLEIDI_VENV:-$root/.venv}
+python=${PYTHON:-python3}
+
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "kleidi needs Python >= 3.11 (found: $("$python" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+fi
+extras=""
+[ "$profile" = test ] && extras="[test]"
+stamp="$venv/.kleidi-installed-$profile"
+want=$(cat "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root$extras"
+  echo "$want" > "$stamp"
+fi
