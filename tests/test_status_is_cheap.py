@@ -26,9 +26,9 @@ from kleidi.server import Server
 class CountingBackend(LocalBackend):
     calls: Counter[str]
 
-    async def load_keys(self) -> KeySet:
+    async def load_keys(self, force: bool = False) -> KeySet:
         self.calls["load_keys"] += 1
-        return await super().load_keys()
+        return await super().load_keys(force)
 
     async def wrap(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:
         self.calls["wrap"] += 1
@@ -61,7 +61,7 @@ def test_status_makes_no_backend_call(short_dir: Path) -> None:
                 if stub.Status(pb.StatusRequest(), timeout=1).healthz == "ok":
                     break
             except grpc.RpcError:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or not thread.is_alive():
                     raise
             time.sleep(0.05)
         before = Counter(backend.calls)
@@ -76,3 +76,4 @@ def test_status_makes_no_backend_call(short_dir: Path) -> None:
         loop.call_soon_threadsafe(server.stop)
         thread.join(30)
     assert not thread.is_alive()
+    loop.close()

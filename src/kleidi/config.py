@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from kleidi.endpoint import parse_endpoint
 from kleidi.errors import ConfigError
@@ -54,10 +63,19 @@ def _parse_mode(value: Any) -> Any:
     return value
 
 
+# The JSON Schema describes what a config file may hold (numbers or strings with a unit, octal
+# strings), not the parsed value: without WithJsonSchema pydantic emits the post-validation type
+# and non-standard "gt"/"ge"/"le" keywords.
 Duration = Annotated[float, BeforeValidator(_parse_duration),
-                     Field(gt=0, json_schema_extra={"x-kleidi-type": "duration"})]
+                     Field(gt=0, json_schema_extra={"x-kleidi-type": "duration"}),
+                     WithJsonSchema({"anyOf": [
+                         {"type": "number", "exclusiveMinimum": 0},
+                         {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"}]})]
 FileMode = Annotated[int, BeforeValidator(_parse_mode), Field(ge=0, le=0o7777),
-                     PlainSerializer(lambda v: f"{v:04o}", return_type=str)]
+                     PlainSerializer(lambda v: f"{v:04o}", return_type=str),
+                     WithJsonSchema({"anyOf": [
+                         {"type": "integer", "minimum": 0, "maximum": 0o7777},
+                         {"type": "string", "pattern": r"^\s*0?o?[0-7]{3,4}\s*$"}]})]
 
 
 class _Settings(BaseModel):
@@ -79,8 +97,12 @@ class ServerSettings(_Settings):
     """Group (name or gid) given to the socket file; null keeps kleidi's own group."""
 
     enable_v1beta1: bool = False
-    """Also serve the deprecated KMS v1 API on the same socket, for clusters that still run
-    kms apiVersion v1 (Kubernetes < 1.29, or --feature-gates=KMSv1=true)."""
+    """Also serve the deprecated KMS v1 API on the same socket, for providers configured with
+    kms apiVersion v1 (since Kubernetes 1.29 only with --feature-gates=KMSv1=true)."""
+
+    status_version: Literal["v2", "v2beta1"] = "v2"
+    """The version Status reports. v2 for Kubernetes 1.29 and later; v2beta1 for 1.27 and 1.28,
+    which accept nothing else. The apiserver refuses a change while it runs, so set it once."""
 
     shutdown_timeout: Duration = 10.0
     """On SIGTERM/SIGINT, how long in-flight calls may take to finish before they are cancelled."""
@@ -196,11 +218,14 @@ def _read_file(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ConfigError(f"config file {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}; "
+                          "fix: correct the YAML syntax there (indentation, quoting, brackets)") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, not a {type(loaded).__name__}")
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not a {type(loaded).__name__}; "
+                          "fix: write sections at the top level, e.g. `server:` then `  endpoint: ...` "
+                          "(see docs/configuration.md)")
     return loaded
 
 
@@ -280,7 +305,9 @@ def format_validation_error(exc: ValidationError, source: str,
     for err in exc.errors():
         path = _clean_loc(err["loc"])
         dotted = ".".join(path) or "(top level)"
-        origin = origins.get(path)
+        # An unknown section set from the environment fails at the section ("servr"), not at the
+        # variable's full path ("servr", "endpoint"): find the origin by prefix too.
+        origin = origins.get(path) or next((o for p, o in origins.items() if p[:len(path)] == path), None)
         where = f" (from {origin})" if origin else ""
         description, siblings = _field_info(path)
         if err["type"] == "extra_forbidden":
@@ -295,7 +322,8 @@ def format_validation_error(exc: ValidationError, source: str,
             continue
         message = str(err["msg"]).removeprefix("Value error, ")
         given = err.get("input")
-        got = f" (got {given!r})" if isinstance(given, str | int | float | bool) else ""
+        got = f" (got {given!r})" if isinstance(given, str | int | float | bool) and repr(given) not in message \
+            else ""
         fix = f"; fix: {' '.join(description.split())}" if description else ""
         lines.append(f"  {dotted}{where}: {message}{got}{fix}")
     return "\n".join(lines)

@@ -52,7 +52,10 @@ def build(name: str, endpoint: str, resources: list[str], timeout: str = "3s",
 
 
 def render(config: dict[str, Any]) -> str:
-    header = ("# kube-apiserver --encryption-provider-config=<this file>\n"
-              "# The kms provider encrypts new writes; identity reads objects written before encryption was\n"
-              "# enabled. Remove identity once every object has been re-encrypted (docs/quickstart.md).\n")
+    header = "# kube-apiserver --encryption-provider-config=<this file>\n"
+    if any("identity" in p for r in config["resources"] for p in r["providers"]):
+        header += ("# The kms provider encrypts new writes; identity reads objects written before encryption was\n"
+                   "# enabled. Remove identity once every object has been re-encrypted (docs/quickstart.md).\n")
+    else:
+        header += ("# No identity fallback: objects not yet encrypted cannot be read through this config.\n")
     return header + yaml.safe_dump(config, sort_keys=False)

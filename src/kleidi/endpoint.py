@@ -14,6 +14,9 @@ from urllib.parse import urlparse
 
 from kleidi.errors import ConfigError
 
+_MAX_SOCKET_PATH = 107
+"""sun_path is 108 bytes including the terminating NUL (for an abstract name, the leading NUL)."""
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -48,6 +51,11 @@ def parse_endpoint(url: str) -> Endpoint:
                          f"unix:///{parsed.netloc}{parsed.path}")
     if not parsed.path or parsed.path == "/":
         raise ValueError(f"endpoint {url!r} names no socket path")
+    if not parsed.path.startswith("/"):
+        raise ValueError(f"endpoint {url!r} is relative; use an absolute path: unix:///absolute/path")
+    if len(parsed.path.encode()) > _MAX_SOCKET_PATH:
+        raise ValueError(f"socket path {parsed.path[:40]}... is {len(parsed.path.encode())} bytes; unix sockets "
+                         f"allow at most {_MAX_SOCKET_PATH}; use a shorter path")
     if parsed.path.startswith("/@"):
         name = parsed.path[2:]
         if not name:
@@ -64,7 +72,8 @@ def _is_listening(path: Path) -> bool:
     except OSError as exc:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
             return False
-        raise
+        raise ConfigError(f"server.endpoint: cannot check whether {path} is in use: {exc.strerror}; fix: check "
+                          "the permissions of the socket and its directory") from None
     finally:
         probe.close()
     return True
@@ -82,12 +91,19 @@ def prepare_path(endpoint: Endpoint) -> None:
         return
     if not path.is_absolute():
         raise ConfigError(f"server.endpoint: socket path {path} must be absolute; fix: unix:///absolute/path")
-    with contextlib.suppress(FileExistsError):
-        path.parent.mkdir(mode=0o700, parents=True)
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        parent = os.stat(path.parent)
+        if parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
+            # Whoever can write there could swap in a socket of their own and receive the apiserver's seeds.
+            raise ConfigError(f"server.endpoint: directory {path.parent} is writable by others, who could replace "
+                              f"the socket; fix: chmod go-w {path.parent}, or use a directory only root can write")
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise ConfigError(f"server.endpoint: cannot use {path}: {exc.strerror} ({path.parent} must be a directory "
+                          "kleidi can create and write); fix: create the directory, or choose another path") from None
     if stat.S_ISLNK(st.st_mode):
         raise ConfigError(f"server.endpoint: {path} is a symbolic link; kleidi will not follow it; "
                           "fix: remove the link or choose another path")

@@ -39,7 +39,10 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
         extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        line = f"{when} {record.levelname:<7} {record.getMessage()}" + (f"  {extra}" if extra else "")
+        text = f"{record.getMessage()}" + (f"  {extra}" if extra else "")
+        # One record, one line: request-supplied text must not be able to forge further lines.
+        text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+        line = f"{when} {record.levelname:<7} {text}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

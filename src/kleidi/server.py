@@ -49,21 +49,31 @@ class Server:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_MESSAGE),
                                           ("grpc.so_reuseport", 0)])
         envelope_service = EnvelopeService(self.keys)
-        v2_grpc.add_KeyManagementServiceServicer_to_server(KMSv2Servicer(self.keys, envelope_service), server)
+        v2_servicer = KMSv2Servicer(self.keys, envelope_service, self.settings.server.status_version)
+        v2_grpc.add_KeyManagementServiceServicer_to_server(v2_servicer, server)
         if self.settings.server.enable_v1beta1:
             v1_grpc.add_KeyManagementServiceServicer_to_server(KMSv1beta1Servicer(envelope_service), server)
         endpoint.prepare_path(self.endpoint)
         # The socket must never exist with a wider mode, even for a moment: bind under a tight umask.
         old_umask = os.umask(0o177)
         try:
-            if server.add_insecure_port(self.endpoint.grpc_address) == 0:
+            try:
+                port = server.add_insecure_port(self.endpoint.grpc_address)
+            except RuntimeError:  # grpcio raises instead of returning 0
+                port = 0
+            if port == 0:
                 raise ConfigError(f"server.endpoint: cannot bind {self.endpoint}; fix: check that the directory "
                                   "exists and is writable")
             await server.start()
         finally:
             os.umask(old_umask)
-        endpoint.restrict(self.endpoint, self.settings.server.socket_mode, self.settings.server.socket_group)
         self._inode = endpoint.inode_of(self.endpoint)
+        try:
+            endpoint.restrict(self.endpoint, self.settings.server.socket_mode, self.settings.server.socket_group)
+        except BaseException:
+            await server.stop(None)
+            endpoint.remove(self.endpoint, self._inode)
+            raise
         return server
 
     async def run(self, install_signal_handlers: bool = True) -> None:

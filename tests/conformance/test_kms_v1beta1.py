@@ -68,3 +68,22 @@ def test_v1beta1_is_off_by_default(kleidi_factory: Any) -> None:
     with pytest.raises(grpc.RpcError) as info:
         _stub(proc).Version(v1.VersionRequest(version="v1beta1"), timeout=3)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_v1_retired_version_is_reported_as_retired(legacy: Any) -> None:
+    stub = _stub(legacy)
+    cipher = stub.Encrypt(v1.EncryptRequest(version="v1beta1", plain=b"z" * 32), timeout=3).cipher
+    old_key_id = legacy.status().key_id
+    from tests.conftest import run_kleidi
+    assert run_kleidi("rotate", "--keyring", str(legacy.keyring)).returncode == 0
+    legacy.wait_for_key_id(lambda k: k != old_key_id)
+    assert run_kleidi("retire", "1", "--yes", "--keyring", str(legacy.keyring)).returncode == 0
+    deadline = __import__("time").monotonic() + 10
+    while True:
+        try:
+            stub.Decrypt(v1.DecryptRequest(version="v1beta1", cipher=cipher), timeout=3)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "retired" in (exc.details() or "")
+            break
+        assert __import__("time").monotonic() < deadline, "retired version kept decrypting"

@@ -31,8 +31,8 @@ class KeySet:
     """The version new seeds are wrapped with; its key_id is what Status reports."""
     usable: Mapping[str, KeyVersion]
     """Every version that can still unwrap, by key_id (includes ``current``)."""
-    retired: frozenset[str] = field(default_factory=frozenset)
-    """key_ids of versions that existed but can no longer unwrap."""
+    retired: Mapping[str, KeyVersion] = field(default_factory=dict)
+    """Versions that existed but can no longer unwrap, by key_id (kept so errors can say "retired")."""
     generation: object = None
     """Changes whenever the backend's key material changes (e.g. the keyring file's identity)."""
 
@@ -47,10 +47,10 @@ class Backend(ABC):
     kind: ClassVar[str]
 
     @abstractmethod
-    async def load_keys(self) -> KeySet:
-        """Return the current key set, re-reading the backend only if it changed.
+    async def load_keys(self, force: bool = False) -> KeySet:
+        """Return the current key set, re-reading the backend only if it changed (always if ``force``).
 
-        Called at start and every ``refresh_interval`` in the background.
+        Called at start and every ``refresh_interval`` in the background; ``force`` on SIGHUP.
 
         :raises BackendUnavailable: the backend cannot be reached now.
         :raises KeyringError: the key store is malformed or unsafe.

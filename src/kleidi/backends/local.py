@@ -69,7 +69,8 @@ class Keyring:
     def key_set(self, generation: object = None) -> KeySet:
         usable = {self.key_id(v): KeyVersion(self.key_id(v), v)
                   for v, e in self.versions.items() if e.state == ACTIVE}
-        retired = frozenset(self.key_id(v) for v, e in self.versions.items() if e.state == RETIRED)
+        retired = {self.key_id(v): KeyVersion(self.key_id(v), v)
+                   for v, e in self.versions.items() if e.state == RETIRED}
         current = KeyVersion(self.key_id(self.current), self.current)
         return KeySet(current=current, usable=usable, retired=retired, generation=generation)
 
@@ -173,6 +174,10 @@ def check_file_safety(path: Path) -> os.stat_result:
     if st.st_mode & 0o077:
         raise KeyringError(f"keyring {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable or writable by "
                            f"others; fix: chmod 600 {path}")
+    parent = os.stat(path.parent)
+    if parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
+        raise KeyringError(f"keyring directory {path.parent} is writable by others, who could replace the keyring; "
+                           f"fix: chmod go-w {path.parent}")
     if st.st_uid != os.geteuid():
         raise KeyringError(f"keyring {path} is owned by uid {st.st_uid}, not by uid {os.geteuid()} that kleidi "
                            f"runs as; fix: chown {os.geteuid()} {path}")
@@ -256,10 +261,10 @@ class LocalBackend(Backend):
     def describe(self) -> str:
         return f"local keyring {self._path}"
 
-    async def load_keys(self) -> KeySet:
+    async def load_keys(self, force: bool = False) -> KeySet:
         st = check_file_safety(self._path)
         identity = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._key_set is not None and identity == self._file_identity:
+        if not force and self._key_set is not None and identity == self._file_identity:
             return self._key_set
         keyring, st = read_keyring(self._path)
         self._keys = {v: e.key for v, e in keyring.versions.items() if e.key is not None}

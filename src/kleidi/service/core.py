@@ -26,6 +26,15 @@ ANNOTATIONS: dict[str, bytes] = {"envelope.kleidi.io": b"1"}
 plaintext by the apiserver and bound into the envelope's authenticated data."""
 
 
+def _annotation_difference(annotations: Mapping[str, bytes]) -> str:
+    missing = sorted(set(ANNOTATIONS) - set(annotations))
+    extra = sorted(set(annotations) - set(ANNOTATIONS))[:4]
+    changed = sorted(k for k in set(ANNOTATIONS) & set(annotations) if annotations[k] != ANNOTATIONS[k])
+    parts = [f"{label} {', '.join(keys)}" for label, keys in
+             (("missing", missing), ("unexpected", [k[:64] for k in extra]), ("changed value of", changed)) if keys]
+    return "; ".join(parts)
+
+
 @dataclass(frozen=True)
 class Sealed:
     ciphertext: bytes
@@ -79,8 +88,8 @@ class EnvelopeService:
         validation.check_annotations(annotations)
         sealed = envelope.parse(ciphertext)
         if dict(annotations) != ANNOTATIONS:
-            raise InvalidRequest("annotations differ from the ones kleidi returned at Encrypt "
-                                 f"(expected keys: {sorted(ANNOTATIONS)}, got: {sorted(annotations)[:8]})")
+            raise InvalidRequest(f"annotations differ from the ones kleidi returned at Encrypt: "
+                                 f"{_annotation_difference(annotations)}")
         key = self._resolve(self._key_set(), key_id)
         if sealed.key_version != key.version:
             raise DecryptionFailed()
@@ -92,9 +101,11 @@ class EnvelopeService:
         validation.check_ciphertext(ciphertext)
         sealed = envelope.parse(ciphertext)
         key_set = self._key_set()
-        matches = [k for k in key_set.usable.values() if k.version == sealed.key_version]
-        if not matches:
-            raise UnknownKey(f"no usable KEK version {sealed.key_version} (retired or never existed)")
-        key = matches[0]
+        key = next((k for k in key_set.usable.values() if k.version == sealed.key_version), None)
+        if key is None:
+            if any(k.version == sealed.key_version for k in key_set.retired.values()):
+                raise RetiredKey(f"KEK version {sealed.key_version} has been retired; its ciphertexts can no "
+                                 "longer be decrypted")
+            raise UnknownKey(f"no KEK version {sealed.key_version} in this kleidi's {self._keys.backend.kind} backend")
         aad = envelope.associated_data(sealed.header(), V1BETA1, key.key_id, {})
         return await self._call(self._keys.backend.unwrap(key, sealed.payload, aad))

@@ -29,8 +29,6 @@ from kleidi.service.keys import KeyManager
 
 log = logging.getLogger("kleidi.grpc")
 
-STATUS_VERSION = "v2"
-
 GRPC_CODES: dict[type[KleidiError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     DecryptionFailed: grpc.StatusCode.INVALID_ARGUMENT,
@@ -72,15 +70,16 @@ async def _handled(context: grpc.aio.ServicerContext[Any, Any], method: str, uid
 
 
 class KMSv2Servicer(v2_grpc.KeyManagementServiceServicer):
-    def __init__(self, keys: KeyManager, service: EnvelopeService) -> None:
+    def __init__(self, keys: KeyManager, service: EnvelopeService, status_version: str = "v2") -> None:
         self._keys = keys
         self._service = service
+        self._status_version = status_version
 
     async def Status(self, request: v2_pb.StatusRequest, context: Any) -> v2_pb.StatusResponse:
         health = self._keys.health
         key_set = self._keys.key_set
         key_id = key_set.current.key_id if key_set is not None else ""
-        return v2_pb.StatusResponse(version=STATUS_VERSION, healthz=health.detail, key_id=key_id)
+        return v2_pb.StatusResponse(version=self._status_version, healthz=health.detail, key_id=key_id)
 
     async def Encrypt(self, request: v2_pb.EncryptRequest, context: Any) -> v2_pb.EncryptResponse:
         async with _handled(context, "Encrypt", request.uid):

@@ -43,6 +43,7 @@ class KeyManager:
         self._refresh_error: str | None = "keys not loaded yet"
         self._probe_error: str | None = "not probed yet"
         self._wake = asyncio.Event()
+        self._force = False
         self._probed_generation: object = object()
 
     @property
@@ -51,15 +52,16 @@ class KeyManager:
         return Health(ok=problem is None, detail=problem or "ok")
 
     def trigger(self) -> None:
-        """Refresh now (e.g. on SIGHUP) instead of at the next interval."""
+        """Re-read the keys now, even if the backend reports no change (SIGHUP)."""
+        self._force = True
         self._wake.set()
 
-    async def refresh(self, fatal: tuple[type[Exception], ...] = ()) -> KeySet | None:
+    async def refresh(self, fatal: tuple[type[Exception], ...] = (), force: bool = False) -> KeySet | None:
         """Re-read the key set; errors make Status unhealthy but keep the last good keys, except
         those in ``fatal`` (used at start-up), which propagate."""
         try:
             async with asyncio.timeout(self.call_timeout):
-                key_set = await self.backend.load_keys()
+                key_set = await self.backend.load_keys(force=force)
         except fatal:
             raise
         except (KleidiError, TimeoutError) as exc:
@@ -111,7 +113,8 @@ class KeyManager:
                 async with asyncio.timeout(self.refresh_interval):
                     await self._wake.wait()
             self._wake.clear()
-            await self.refresh()
+            force, self._force = self._force, False
+            await self.refresh(force=force)
             if time.monotonic() >= next_probe:
                 await self.probe()
                 next_probe = time.monotonic() + self.probe_interval

@@ -1,0 +1,339 @@
+"""Configuration: every mistake stops kleidi with the field and the fix; precedence; schema; docs.
+
+Errors are checked through the real ``kleidi`` binary: exit code 2, a message naming the setting by
+its dotted path (or the file / variable at fault) and saying how to fix it, and never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from kleidi.config import KleidiSettings
+from kleidi.config_docs import render_reference
+from tests.conftest import keygen, run_kleidi
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "configuration.md"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _assert_config_error(result: Any, *needles: str) -> str:
+    """Exit 2, every needle in stderr, a fix, no traceback; returns stderr."""
+    stderr: str = result.stderr
+    assert result.returncode == 2, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {stderr}"
+    for needle in needles:
+        assert needle in stderr, f"{needle!r} not in:\n{stderr}"
+    assert "fix" in stderr, f"no fix in:\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    return stderr
+
+
+def _check(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``kleidi config check`` -> the settings it prints."""
+    result = run_kleidi("config", "check", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert isinstance(printed, dict)
+    return printed
+
+
+# -- invalid settings in the file ----------------------------------------------------------------
+
+BAD_SETTINGS = [
+    pytest.param("server:\n  endpont: unix:///tmp/x.sock\n", ["server.endpont", "did you mean 'server.endpoint'"],
+                 id="unknown-field-suggests"),
+    pytest.param("sever:\n  endpoint: unix:///tmp/x.sock\n", ["sever", "did you mean 'server'"],
+                 id="unknown-section-suggests"),
+    pytest.param("backend:\n  keyrin: /tmp/k.json\n", ["backend.keyrin", "did you mean 'backend.keyring'"],
+                 id="unknown-backend-field-suggests"),
+    pytest.param("server:\n  socket_mode: abc\n", ["server.socket_mode", "octal"], id="bad-mode"),
+    pytest.param("server:\n  socket_mode: '99999'\n", ["server.socket_mode"], id="mode-out-of-range"),
+    pytest.param("server:\n  endpoint: tcp://x\n", ["server.endpoint", "unix://"], id="tcp-endpoint"),
+    pytest.param("server:\n  endpoint: http://localhost/x.sock\n", ["server.endpoint", "unix://"], id="http-endpoint"),
+    pytest.param("server:\n  endpoint: unix://tmp/x\n", ["server.endpoint", "host part", "unix:///tmp/x"],
+                 id="endpoint-with-host"),
+    pytest.param("server:\n  endpoint: 'unix:///'\n", ["server.endpoint"], id="endpoint-without-path"),
+    pytest.param("server:\n  endpoint: 'unix:///@'\n", ["server.endpoint"], id="empty-abstract-name"),
+    pytest.param("backend:\n  refresh_interval: soon\n", ["backend.refresh_interval", "duration"],
+                 id="bad-duration"),
+    pytest.param("backend:\n  refresh_interval: 0\n", ["backend.refresh_interval"], id="zero-duration"),
+    pytest.param("backend:\n  refresh_interval: 0s\n", ["backend.refresh_interval"], id="zero-duration-unit"),
+    pytest.param("backend:\n  probe_interval: -1\n", ["backend.probe_interval"], id="negative-duration"),
+    pytest.param("backend:\n  timeout: -5s\n", ["backend.timeout"], id="negative-duration-unit"),
+    pytest.param("server:\n  shutdown_timeout: true\n", ["server.shutdown_timeout"], id="bool-duration"),
+    pytest.param("backend:\n  kind: vault\n", ["backend.kind", "'vault'", "local"], id="unknown-backend"),
+    pytest.param("logging:\n  level: verbose\n", ["logging.level"], id="bad-log-level"),
+    pytest.param("server:\n  enable_v1beta1: perhaps\n", ["server.enable_v1beta1"], id="bad-bool"),
+    pytest.param("server: unix:///tmp/x.sock\n", ["server"], id="section-not-a-mapping"),
+]
+
+
+@pytest.mark.parametrize(("text", "needles"), BAD_SETTINGS)
+def test_invalid_setting_names_field_and_fix(tmp_path, text, needles):
+    config = _write(tmp_path / "kleidi.yaml", text)
+    stderr = _assert_config_error(run_kleidi("serve", "--config", str(config)), *needles)
+    assert str(config) in stderr  # which file was wrong
+
+
+def test_several_mistakes_are_all_reported(tmp_path):
+    config = _write(tmp_path / "kleidi.yaml",
+                    "server:\n  endpont: x\n  socket_mode: abc\nbackend:\n  refresh_interval: soon\n")
+    _assert_config_error(run_kleidi("serve", "--config", str(config)),
+                         "server.endpont", "server.socket_mode", "backend.refresh_interval")
+
+
+def test_relative_socket_path_is_refused(tmp_path):
+    keyring = tmp_path / "keyring.json"
+    keygen(keyring)
+    config = _write(tmp_path / "kleidi.yaml", f"server:\n  endpoint: unix:relative.sock\n"
+                                              f"backend:\n  keyring: {keyring}\n")
+    _assert_config_error(run_kleidi("serve", "--config", str(config)), "server.endpoint", "absolute")
+    assert not (tmp_path / "relative.sock").exists()
+
+
+# -- the file itself -----------------------------------------------------------------------------
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    _assert_config_error(run_kleidi("serve", "--config", str(missing)), str(missing), "does not exist")
+
+
+def test_missing_config_file_named_by_env(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    _assert_config_error(run_kleidi("serve", env={"KLEIDI_CONFIG": str(missing)}), str(missing), "KLEIDI_CONFIG")
+
+
+def test_invalid_yaml(tmp_path):
+    config = _write(tmp_path / "kleidi.yaml", "server:\n  endpoint: [unclosed\n")
+    _assert_config_error(run_kleidi("serve", "--config", str(config)), str(config), "not valid YAML", "line")
+
+
+@pytest.mark.parametrize("text", ["- server\n- backend\n", "just a string\n"], ids=["list", "scalar"])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    config = _write(tmp_path / "kleidi.yaml", text)
+    _assert_config_error(run_kleidi("serve", "--config", str(config)), str(config), "mapping")
+
+
+def test_empty_file_means_defaults(tmp_path):
+    config = _write(tmp_path / "kleidi.yaml", "")
+    assert _check(tmp_path, "--config", str(config)) == KleidiSettings().model_dump(mode="json")
+
+
+# -- environment and flags -----------------------------------------------------------------------
+
+
+def test_unknown_env_section_is_an_error(tmp_path):
+    result = run_kleidi("serve", env={"KLEIDI_SERVR__ENDPOINT": "unix:///tmp/x.sock"})
+    stderr = _assert_config_error(result, "servr", "did you mean 'server'")
+    # The user must learn which variable is wrong: no file was given, the variable is the culprit.
+    assert "KLEIDI_SERVR__ENDPOINT" in stderr, stderr
+
+
+def test_unknown_env_field_is_an_error(tmp_path):
+    result = run_kleidi("serve", env={"KLEIDI_SERVER__ENDPONT": "unix:///tmp/x.sock"})
+    _assert_config_error(result, "server.endpont", "KLEIDI_SERVER__ENDPONT", "did you mean 'server.endpoint'")
+
+
+def test_bad_env_value_names_the_variable(tmp_path):
+    result = run_kleidi("serve", env={"KLEIDI_BACKEND__REFRESH_INTERVAL": "soon"})
+    _assert_config_error(result, "backend.refresh_interval", "environment variable KLEIDI_BACKEND__REFRESH_INTERVAL")
+
+
+def test_env_var_that_is_not_a_path(tmp_path):
+    result = run_kleidi("serve", env={"KLEIDI_SERVER____ENDPOINT": "unix:///tmp/x.sock"})
+    _assert_config_error(result, "KLEIDI_SERVER____ENDPOINT", "KLEIDI_SECTION__FIELD")
+
+
+def test_bad_flag_value_names_the_flag(tmp_path):
+    result = run_kleidi("serve", "--endpoint", "tcp://127.0.0.1:9000")
+    _assert_config_error(result, "server.endpoint", "command-line flag")
+
+
+def test_env_overrides_take_effect(tmp_path):
+    config = _write(tmp_path / "kleidi.yaml", "logging:\n  level: warning\nserver:\n  socket_mode: '0600'\n")
+    printed = _check(tmp_path, "--config", str(config), env={
+        "KLEIDI_SERVER__SOCKET_MODE": "0660",
+        "KLEIDI_SERVER__ENDPOINT": "unix:///run/kleidi/env.sock",
+        "KLEIDI_SERVER__ENABLE_V1BETA1": "true",
+        "KLEIDI_BACKEND__REFRESH_INTERVAL": "2s",
+        "KLEIDI_BACKEND__TIMEOUT": "500ms",
+        "KLEIDI_LOGGING__LEVEL": "debug",
+    })
+    assert printed["server"]["socket_mode"] == "0660"
+    assert printed["server"]["endpoint"] == "unix:///run/kleidi/env.sock"
+    assert printed["server"]["enable_v1beta1"] is True
+    assert printed["backend"]["refresh_interval"] == 2.0
+    assert printed["backend"]["timeout"] == 0.5
+    assert printed["logging"]["level"] == "debug"
+    # Untouched settings keep their defaults.
+    assert printed["backend"]["probe_interval"] == 30.0
+
+
+def test_precedence_defaults_file_env_flag(tmp_path):
+    config = _write(tmp_path / "kleidi.yaml", "backend:\n  keyring: /from/file.json\n  probe_interval: 7s\n")
+    env = {"KLEIDI_BACKEND__KEYRING": "/from/env.json"}
+
+    def keyring(*args: str, env: dict[str, str] | None = None) -> str:
+        return str(_check(tmp_path, *args, env=env)["backend"]["keyring"])
+
+    assert keyring() == "/var/lib/kleidi/keyring.json"
+    assert keyring(env=env) == "/from/env.json"
+    assert keyring("--config", str(config)) == "/from/file.json"
+    assert keyring("--config", str(config), env=env) == "/from/env.json"
+    assert keyring("--config", str(config), "--keyring", "/from/flag.json", env=env) == "/from/flag.json"
+    # Layers merge field by field: the file's other settings survive an env override of one field.
+    assert _check(tmp_path, "--config", str(config), env=env)["backend"]["probe_interval"] == 7.0
+
+
+def test_config_file_from_env_and_flag(tmp_path):
+    by_env = _write(tmp_path / "env.yaml", "logging:\n  level: error\n")
+    by_flag = _write(tmp_path / "flag.yaml", "logging:\n  level: debug\n")
+    assert _check(tmp_path, env={"KLEIDI_CONFIG": str(by_env)})["logging"]["level"] == "error"
+    assert _check(tmp_path, "--config", str(by_flag), env={"KLEIDI_CONFIG": str(by_env)})["logging"]["level"] == "debug"
+
+
+# -- the keyring, checked at start-up ------------------------------------------------------------
+
+
+def test_missing_keyring_says_keygen(short_dir):
+    keyring = short_dir / "missing.json"
+    sock = short_dir / "k.sock"
+    result = run_kleidi("serve", "--keyring", str(keyring), "--endpoint", f"unix://{sock}")
+    _assert_config_error(result, str(keyring), "kleidi keygen")
+    assert not keyring.exists()
+    assert not sock.exists()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_keyring_readable_by_others_is_refused(short_dir, mode):
+    keyring = short_dir / "keyring.json"
+    keygen(keyring)
+    keyring.chmod(mode)
+    sock = short_dir / "k.sock"
+    result = run_kleidi("serve", "--keyring", str(keyring), "--endpoint", f"unix://{sock}")
+    _assert_config_error(result, str(keyring), f"{mode:04o}", f"chmod 600 {keyring}")
+    assert not sock.exists()
+
+
+# -- schema, reference docs, defaults ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict[str, Any]:
+    """What `kleidi config schema` prints."""
+    result = run_kleidi("config", "schema")
+    assert result.returncode == 0, result.stderr
+    printed: dict[str, Any] = json.loads(result.stdout)
+    return printed
+
+
+def test_schema_is_valid_json_schema(schema):
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert set(schema["properties"]) == {"server", "logging", "backend"}
+
+
+def test_default_settings_validate_against_schema(schema):
+    validator = jsonschema.Draft202012Validator(schema)
+    defaults = KleidiSettings().model_dump(mode="json")
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(defaults)]
+    assert errors == []
+
+
+def test_documented_value_forms_validate_against_schema(schema):
+    """What docs/configuration.md tells people to write (durations with units, octal strings) is valid."""
+    validator = jsonschema.Draft202012Validator(schema)
+    config = {
+        "server": {"endpoint": "unix:///run/kleidi.sock", "socket_mode": "0660", "socket_group": "kube",
+                   "shutdown_timeout": "10s"},
+        "logging": {"level": "debug", "format": "json"},
+        "backend": {"kind": "local", "keyring": "/var/lib/kleidi/keyring.json", "refresh_interval": "500ms",
+                    "probe_interval": "1m", "timeout": 2},
+    }
+    KleidiSettings.model_validate(config)  # kleidi accepts it ...
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(config)]
+    assert errors == []  # ... and so must the schema
+
+
+@pytest.mark.parametrize("config", [
+    {"server": {"endpont": "unix:///x.sock"}},
+    {"backend": {"kind": "vault"}},
+    {"logging": {"level": "verbose"}},
+    {"backend": {"refresh_interval": -1}},
+    {"backend": {"timeout": 0}},
+    {"server": {"socket_mode": 99999}},
+], ids=["unknown-field", "unknown-kind", "bad-level", "negative-duration", "zero-duration", "mode-too-big"])
+def test_schema_rejects_what_kleidi_rejects(schema, config):
+    with pytest.raises(ValidationError):
+        KleidiSettings.model_validate(config)
+    assert list(jsonschema.Draft202012Validator(schema).iter_errors(config)) != []
+
+
+def test_configuration_reference_is_up_to_date():
+    assert DOCS.exists(), "generate it: kleidi config docs > docs/configuration.md"
+    assert DOCS.read_text() == render_reference(), \
+        "docs/configuration.md is out of date; regenerate it: kleidi config docs > docs/configuration.md"
+
+
+def test_config_docs_command_prints_the_reference():
+    result = run_kleidi("config", "docs")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == render_reference()
+
+
+EXPECTED_DEFAULTS: dict[str, Any] = {
+    "server": {
+        "endpoint": "unix:///var/run/kleidi/kleidi.sock",
+        "socket_mode": 0o600,
+        "socket_group": None,
+        "enable_v1beta1": False,
+        "status_version": "v2",
+        "shutdown_timeout": 10.0,
+    },
+    "logging": {
+        "level": "info",
+        "format": "auto",
+    },
+    "backend": {
+        "kind": "local",
+        "refresh_interval": 5.0,
+        "probe_interval": 30.0,
+        "timeout": 2.0,
+        "keyring": Path("/var/lib/kleidi/keyring.json"),
+        "create_if_missing": False,
+    },
+}
+
+
+def test_every_default_is_pinned():
+    """Changing a default is a user-visible change: it must be made here on purpose, too."""
+    settings = KleidiSettings()
+    actual = {section: {name: getattr(getattr(settings, section), name)
+                        for name in type(getattr(settings, section)).model_fields}
+              for section in type(settings).model_fields}
+    assert actual == EXPECTED_DEFAULTS
+
+
+def test_every_default_is_documented():
+    """Each setting's line in docs/configuration.md shows its default and its environment variable."""
+    text = DOCS.read_text()
+    defaults = KleidiSettings().model_dump(mode="json")
+    for section, fields in EXPECTED_DEFAULTS.items():
+        for name in fields:
+            env = f"KLEIDI_{section.upper()}__{name.upper()}"
+            default = re.escape(json.dumps(defaults[section][name]))
+            pattern = rf"### `{section}\.{name}`\n\n[^\n]* · default `{default}` · env `{env}`"
+            assert re.search(pattern, text), f"{section}.{name}: default or env var not documented"

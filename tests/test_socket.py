@@ -1,0 +1,318 @@
+"""The unix socket: its permissions, what kleidi refuses to replace, and a clean shutdown.
+
+Every test runs the real ``kleidi serve`` (or, for the in-flight shutdown test, the real
+:class:`kleidi.server.Server` with a slow backend) on a real unix socket.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from kleidi._proto.kmsv2 import api_pb2 as v2_pb
+from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
+from tests.conftest import HELPERS, KleidiProcess, keygen, run_kleidi
+
+SEED = bytes(range(32))
+
+
+def _serve_once(keyring: Path, socket_path: Path | str) -> tuple[int, str]:
+    """Run ``kleidi serve`` expecting it to refuse to start (it exits by itself)."""
+    result = run_kleidi("serve", "--keyring", str(keyring), "--endpoint", f"unix://{socket_path}",
+                        "--log-format", "json", timeout=30)
+    return result.returncode, result.stderr
+
+
+def _wait_for(predicate, timeout: float = 10, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+# -- permissions ----------------------------------------------------------------------------------
+
+
+def test_socket_is_0600_by_default(kleidi_factory):
+    k = kleidi_factory()
+    st = os.stat(k.socket_path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert k.status().healthz == "ok"
+
+
+def test_socket_mode_and_group_from_config(kleidi_factory):
+    group = grp.getgrgid(os.getgid()).gr_name
+    k = kleidi_factory(settings={"server": {"socket_mode": "0660", "socket_group": group}})
+    st = os.stat(k.socket_path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert st.st_gid == grp.getgrnam(group).gr_gid
+    assert k.status().healthz == "ok"
+
+
+def test_socket_group_by_gid_other_than_own(kleidi_factory):
+    """A numeric socket_group is applied (root can pick any group; others one of their own)."""
+    own = os.getgid()
+    if os.geteuid() == 0:
+        candidates = [g.gr_gid for g in grp.getgrall() if g.gr_gid != own]
+    else:
+        candidates = [g for g in os.getgroups() if g != own]
+    gid = candidates[0] if candidates else own
+    k = kleidi_factory(settings={"server": {"socket_mode": "0640", "socket_group": gid}})
+    st = os.stat(k.socket_path)
+    assert st.st_gid == gid
+    assert stat.S_IMODE(st.st_mode) == 0o640
+
+
+def test_unknown_socket_group_is_a_clean_config_error(kleidi_factory, short_dir):
+    k = kleidi_factory(start=False, settings={"server": {"socket_group": "no-such-group-kleidi"}})
+    result = run_kleidi("serve", "--config", str(k.config_path), timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "server.socket_group" in result.stderr
+    assert "fix" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    # A refused start leaves nothing behind: no socket file for the next start to trip over.
+    assert not os.path.lexists(k.socket_path)
+
+
+# -- what is at the path before kleidi starts -----------------------------------------------------
+
+
+def test_stale_socket_is_removed(kleidi_factory):
+    k = kleidi_factory(start=False)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(k.socket_path))
+    stale.close()
+    assert stat.S_ISSOCK(os.lstat(k.socket_path).st_mode)
+
+    k.start()
+    assert k.status().healthz == "ok"
+    assert stat.S_ISSOCK(os.lstat(k.socket_path).st_mode)
+    assert k.stop() == 0
+    assert not os.path.lexists(k.socket_path)
+
+
+def test_regular_file_at_path_is_refused(short_dir):
+    keyring = short_dir / "keyring.json"
+    keygen(keyring)
+    path = short_dir / "kleidi.sock"
+    path.write_text("precious data\n")
+
+    code, stderr = _serve_once(keyring, path)
+    assert code == 2, stderr
+    assert "server.endpoint" in stderr
+    assert "not a socket" in stderr
+    assert "Traceback" not in stderr
+    assert path.is_file()
+    assert path.read_text() == "precious data\n"
+
+
+def test_symlink_at_path_is_refused(short_dir):
+    keyring = short_dir / "keyring.json"
+    keygen(keyring)
+    target = short_dir / "target"
+    target.write_text("target\n")
+    for name, points_to in (("to-file.sock", target), ("dangling.sock", short_dir / "nowhere")):
+        link = short_dir / name
+        link.symlink_to(points_to)
+        code, stderr = _serve_once(keyring, link)
+        assert code == 2, stderr
+        assert "server.endpoint" in stderr
+        assert "symbolic link" in stderr
+        assert "Traceback" not in stderr
+        assert link.is_symlink()
+        assert os.readlink(link) == str(points_to)
+    assert target.read_text() == "target\n"
+    assert not (short_dir / "nowhere").exists()
+
+
+def test_live_socket_of_another_kleidi_is_refused(kleidi_factory):
+    first = kleidi_factory()
+    inode = os.lstat(first.socket_path).st_ino
+    encrypted = first.encrypt(SEED)
+
+    code, stderr = _serve_once(first.keyring, first.socket_path)
+    assert code == 2, stderr
+    assert "server.endpoint" in stderr
+    assert "another process" in stderr
+    assert "Traceback" not in stderr
+
+    # The first kleidi is untouched: same socket file, still serving.
+    assert os.lstat(first.socket_path).st_ino == inode
+    assert first.proc is not None and first.proc.poll() is None
+    assert first.status().healthz == "ok"
+    assert first.decrypt(encrypted.ciphertext, encrypted.key_id, encrypted.annotations) == SEED
+    assert first.stop() == 0
+
+
+def test_unbindable_path_is_a_clean_config_error(short_dir):
+    """A path the kernel cannot bind (longer than sun_path) stops kleidi with a message, not a traceback."""
+    keyring = short_dir / "keyring.json"
+    keygen(keyring)
+    path = short_dir / ("s" * 120 + ".sock")
+    code, stderr = _serve_once(keyring, path)
+    assert code == 2, stderr
+    assert "server.endpoint" in stderr
+    assert "Traceback" not in stderr, stderr
+    assert not os.path.lexists(path)
+
+
+def test_unbindable_directory_is_a_clean_config_error(short_dir):
+    """bind() itself fails (/proc takes no new files): a message, exit 2, no traceback."""
+    keyring = short_dir / "keyring.json"
+    keygen(keyring)
+    path = Path("/proc") / f"kleidi-{uuid.uuid4().hex[:8]}.sock"
+    code, stderr = _serve_once(keyring, path)
+    assert code == 2, stderr
+    assert "server.endpoint" in stderr
+    assert "fix" in stderr
+    assert "Traceback" not in stderr, stderr
+
+
+def test_parent_that_is_a_file_is_a_clean_config_error(short_dir):
+    keyring = short_dir / "keyring.json"
+    keygen(keyring)
+    not_a_dir = short_dir / "run"
+    not_a_dir.write_text("a file\n")
+    for path in (not_a_dir / "kleidi.sock", not_a_dir / "sub" / "kleidi.sock"):
+        code, stderr = _serve_once(keyring, path)
+        assert code == 2, stderr
+        assert "server.endpoint" in stderr
+        assert "fix" in stderr
+        assert "Traceback" not in stderr, stderr
+    assert not_a_dir.read_text() == "a file\n"
+
+
+def test_abstract_socket(kleidi_factory):
+    name = f"kleidi-test-{uuid.uuid4().hex}"
+    k = kleidi_factory(start=False, settings={"server": {"endpoint": f"unix:///@{name}"}})
+    k.start(wait=False)
+    request = v2_pb.StatusRequest()
+    with grpc.insecure_channel(f"unix-abstract:{name}", options=[("grpc.default_authority", "localhost")]) as ch:
+        stub = v2_grpc.KeyManagementServiceStub(ch)
+
+        def healthy() -> bool:
+            assert k.proc is not None
+            if k.proc.poll() is not None:
+                raise AssertionError(f"kleidi exited with {k.proc.returncode}:\n{k.log()}")
+            try:
+                return stub.Status(request, timeout=1).healthz == "ok"
+            except grpc.RpcError:
+                return False
+
+        _wait_for(healthy, 20, "Status ok on the abstract socket")
+        response = stub.Status(request, timeout=3)
+        assert response.version == "v2"
+        assert response.key_id.startswith("kleidi:local:v1:")
+
+    # The CLI reaches it by the same endpoint string the apiserver would use.
+    result = run_kleidi("status", "--endpoint", f"unix:///@{name}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert response.key_id in result.stdout
+    # No file was created for an abstract socket.
+    assert not os.path.lexists(f"/@{name}")
+    assert not k.socket_path.exists()
+    assert "abstract socket" in k.log()
+    assert k.stop() == 0
+
+
+def test_missing_parent_directory_is_created_0700(kleidi_factory, short_dir):
+    socket_path = short_dir / "run" / "kleidi" / "kleidi.sock"
+    k = kleidi_factory(start=False, settings={"server": {"endpoint": f"unix://{socket_path}"}})
+    k.socket_path, k.endpoint = socket_path, f"unix://{socket_path}"
+    assert not socket_path.parent.exists()
+    k.start()
+    parent = os.stat(socket_path.parent)
+    assert stat.S_ISDIR(parent.st_mode)
+    assert stat.S_IMODE(parent.st_mode) == 0o700
+    assert stat.S_ISSOCK(os.stat(socket_path).st_mode)
+    assert k.status().healthz == "ok"
+    assert k.stop() == 0
+    assert not socket_path.exists()
+
+
+# -- shutdown -------------------------------------------------------------------------------------
+
+
+def test_sigterm_lets_an_in_flight_call_finish(short_dir, monkeypatch):
+    monkeypatch.setenv("SLOW_SERVER_UNWRAP_DELAY", "1.5")
+    keygen(short_dir / "keyring.json")
+    k = KleidiProcess(short_dir, "slow")
+    k.command = [sys.executable, str(HELPERS / "slow_server.py"), str(k.config_path)]
+    marker = k.config_path.with_name(k.config_path.name + ".unwrapping")
+    try:
+        k.start()
+        encrypted = k.encrypt(SEED)
+        request = v2_pb.DecryptRequest(ciphertext=encrypted.ciphertext, key_id=encrypted.key_id,
+                                       annotations=dict(encrypted.annotations), uid="in-flight")
+        future = k.stub.Decrypt.future(request, timeout=15)
+        _wait_for(marker.exists, 10, "the Decrypt call reaching the backend")
+        time.sleep(0.3)
+        assert not future.done()
+        k.send_signal(signal.SIGTERM)
+
+        assert future.result(timeout=15).plaintext == SEED
+        assert k.proc is not None
+        assert k.proc.wait(20) == 0, k.log()
+        assert not os.path.lexists(k.socket_path)
+        log = k.log()
+        assert "shutting down" in log
+        assert "stopped" in log
+    finally:
+        if k.proc is not None and k.proc.poll() is None:
+            k.proc.kill()
+            k.proc.wait()
+
+
+def test_sigint_stops_cleanly(kleidi_factory):
+    k = kleidi_factory()
+    assert k.socket_path.exists()
+    assert k.stop(signal.SIGINT) == 0
+    assert not os.path.lexists(k.socket_path)
+    assert "shutting down" in k.log()
+
+
+def test_sigterm_stops_cleanly_and_a_restart_works(kleidi_factory):
+    k = kleidi_factory()
+    key_id = k.status().key_id
+    assert k.stop(signal.SIGTERM) == 0
+    assert not os.path.lexists(k.socket_path)
+    k.start()
+    assert k.status().key_id == key_id
+    assert k.stop() == 0
+
+
+def test_socket_directory_writable_by_others_is_refused(short_dir: Path) -> None:
+    """Whoever can write the directory could swap the socket and receive the apiserver's seeds."""
+    open_dir = short_dir / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    keyring = short_dir / "ring.json"
+    keygen(keyring)
+    result = run_kleidi("serve", "--keyring", str(keyring), "--endpoint", f"unix://{open_dir}/k.sock")
+    assert result.returncode == 2
+    assert "writable by others" in result.stderr and "chmod go-w" in result.stderr
+    assert "Traceback" not in result.stderr
+    open_dir.chmod(0o777 | stat.S_ISVTX)  # sticky, like /tmp: others cannot remove our socket
+    sticky = KleidiProcess(short_dir, "sticky", keyring=keyring)
+    sticky.socket_path = open_dir / "k.sock"
+    sticky.endpoint = f"unix://{sticky.socket_path}"
+    sticky.config["server"]["endpoint"] = sticky.endpoint
+    sticky.config_path.write_text(__import__("yaml").safe_dump(sticky.config))
+    try:
+        sticky.start()
+        assert sticky.status().healthz == "ok"
+    finally:
+        assert sticky.stop() == 0
