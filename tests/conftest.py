@@ -51,7 +51,8 @@ class KleidiProcess:
     """One ``kleidi serve`` subprocess with a config file, its log, and a stub to call it."""
 
     def __init__(self, workdir: Path, name: str = "kleidi", *, keyring: Path | None = None,
-                 settings: dict[str, Any] | None = None, command: list[str] | None = None) -> None:
+                 settings: dict[str, Any] | None = None, command: list[str] | None = None,
+                 backend: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.keyring = keyring or workdir / "keyring.json"
         self.socket_path = workdir / f"{name}.sock"
@@ -64,6 +65,8 @@ class KleidiProcess:
             "backend": {"kind": "local", "keyring": str(self.keyring), "refresh_interval": "200ms",
                         "probe_interval": "1s"},
         }
+        if backend is not None:  # another backend replaces the local one entirely
+            config["backend"] = {"refresh_interval": "200ms", "probe_interval": "1s", **backend}
         for section, values in (settings or {}).items():
             config.setdefault(section, {}).update(values)
         self.config = config

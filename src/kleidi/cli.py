@@ -222,6 +222,25 @@ def version() -> None:
 
 
 @main.group()
+def policy() -> None:
+    """Print the least-privilege policy a backend needs."""
+
+
+@policy.command("vault")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="KLEIDI_CONFIG",
+              help="YAML config file with a vault backend (env KLEIDI_CONFIG).")
+def policy_vault(config_file: Path | None) -> None:
+    """The Vault/OpenBao policy for the configured Transit mount and key (HCL)."""
+    from kleidi.backends.vault import policy as vault_policy
+
+    settings = _settings(config_file)
+    if settings.backend.kind != "vault":
+        raise ConfigError(f"backend.kind is {settings.backend.kind!r}; `kleidi policy vault` needs a vault backend "
+                          "in the config (--config)")
+    click.echo(vault_policy(settings.backend), nl=False)
+
+
+@main.group()
 def config() -> None:
     """Inspect the configuration."""
 

@@ -15,6 +15,8 @@ import difflib
 import json
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +31,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from kleidi.endpoint import parse_endpoint
@@ -155,7 +158,152 @@ class LocalBackendSettings(_BackendSettings):
     production create it with `kleidi keygen` and back it up."""
 
 
+class VaultTLSSettings(_Settings):
+    """TLS to Vault/OpenBao. The system trust store is used unless ca_file is set."""
+
+    ca_file: Path | None = None
+    """PEM bundle of the CA(s) that sign the server's certificate."""
+
+    server_name: str | None = None
+    """Name to expect in the server certificate (and send as SNI) when it differs from the host in
+    `address`, e.g. when connecting by IP."""
+
+    client_cert_file: Path | None = None
+    """Client certificate (PEM) presented to the server, for listeners that require one and for the
+    `cert` auth method. May hold the key too (a combined PEM such as the kubelet's client cert)."""
+
+    client_key_file: Path | None = None
+    """Private key for client_cert_file, if it is not in the same file."""
+
+
+class VaultTokenAuth(_Settings):
+    """A Vault token read from a file (re-read when the file changes) or an environment variable."""
+
+    method: Literal["token"] = "token"
+    """Auth method."""
+    token_file: Path | None = None
+    """File holding the token. Re-read whenever it changes, so an external agent can rotate it."""
+    token_env: str | None = None
+    """Name of an environment variable holding the token (used if token_file is not set)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VaultTokenAuth:
+        if (self.token_file is None) == (self.token_env is None):
+            raise ValueError("set exactly one of token_file or token_env")
+        return self
+
+
+class VaultAppRoleAuth(_Settings):
+    """AppRole: a role_id and a secret_id, each read from a file or an environment variable."""
+
+    method: Literal["approle"] = "approle"
+    """Auth method."""
+    mount: str = "approle"
+    """Path the AppRole auth method is mounted at."""
+    role_id_file: Path | None = None
+    """File holding the role_id."""
+    role_id_env: str | None = None
+    """Environment variable holding the role_id (if role_id_file is not set)."""
+    secret_id_file: Path | None = None
+    """File holding the secret_id (re-read at every login)."""
+    secret_id_env: str | None = None
+    """Environment variable holding the secret_id (if secret_id_file is not set)."""
+
+    @model_validator(mode="after")
+    def _sources(self) -> VaultAppRoleAuth:
+        for name in ("role_id", "secret_id"):
+            if (getattr(self, f"{name}_file") is None) == (getattr(self, f"{name}_env") is None):
+                raise ValueError(f"set exactly one of {name}_file or {name}_env")
+        return self
+
+
+class VaultJWTAuth(_Settings):
+    """JWT auth: a JWT read from a file (e.g. a projected service-account token) is exchanged for a token."""
+
+    method: Literal["jwt"] = "jwt"
+    """Auth method."""
+    mount: str = "jwt"
+    """Path the JWT auth method is mounted at."""
+    role: str
+    """Vault role to log in as."""
+    token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    """File holding the JWT; re-read at every login, so a rotated projected token is picked up."""
+
+
+class VaultKubernetesAuth(_Settings):
+    """Kubernetes auth: Vault checks the service-account token with the cluster's TokenReview API."""
+
+    method: Literal["kubernetes"] = "kubernetes"
+    """Auth method."""
+    mount: str = "kubernetes"
+    """Path the Kubernetes auth method is mounted at."""
+    role: str
+    """Vault role to log in as."""
+    token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    """File holding the service-account JWT; re-read at every login."""
+
+
+class VaultCertAuth(_Settings):
+    """TLS certificate auth: the client certificate in `tls` is the credential."""
+
+    method: Literal["cert"] = "cert"
+    """Auth method."""
+    mount: str = "cert"
+    """Path the cert auth method is mounted at."""
+    role: str | None = None
+    """Certificate role to log in as; null lets Vault pick the matching one."""
+
+
+VaultAuthSettings = Annotated[VaultTokenAuth | VaultAppRoleAuth | VaultJWTAuth | VaultKubernetesAuth | VaultCertAuth,
+                              Field(discriminator="method")]
+
+
+class VaultBackendSettings(_BackendSettings):
+    """A named key in Vault's or OpenBao's Transit secrets engine wraps the seeds."""
+
+    kind: Literal["vault"] = "vault"
+    """Backend type."""
+
+    address: str
+    """Server URL, e.g. https://vault.example.com:8200."""
+
+    namespace: str | None = None
+    """Vault Enterprise / OpenBao namespace (sent as X-Vault-Namespace); null for the root."""
+
+    transit_mount: str = "transit"
+    """Path the Transit secrets engine is mounted at."""
+
+    key: str
+    """Name of the Transit key. Use an AEAD type (aes256-gcm96, the default, or chacha20-poly1305)
+    so that each ciphertext is bound to its key_id and annotations."""
+
+    auth: VaultAuthSettings
+    """How kleidi logs in. Secrets come from files or environment variables, never from this file."""
+
+    tls: VaultTLSSettings = VaultTLSSettings()
+    """TLS settings for the connection to the server."""
+
+    max_connections: int = Field(default=32, ge=1, le=1024)
+    """Connections kept open to the server and shared by all requests."""
+
+    @field_validator("address")
+    @classmethod
+    def _address_is_http(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"expected a URL such as https://vault.example.com:8200, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("transit_mount")
+    @classmethod
+    def _mount_path(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value:
+            raise ValueError("transit_mount must not be empty")
+        return value
+
+
 DEFAULT_BACKEND = "local"
+BACKEND_KINDS = ("local", "vault")
 
 
 def _default_backend_kind(value: Any) -> Any:
@@ -165,7 +313,8 @@ def _default_backend_kind(value: Any) -> Any:
     return value
 
 
-BackendSettings = Annotated[LocalBackendSettings, Field(discriminator="kind"), BeforeValidator(_default_backend_kind)]
+BackendSettings = Annotated[LocalBackendSettings | VaultBackendSettings, Field(discriminator="kind"),
+                            BeforeValidator(_default_backend_kind)]
 
 
 class KleidiSettings(_Settings):
@@ -272,30 +421,35 @@ def load_settings(config_file: str | os.PathLike[str] | None = None,
 # Error messages that name the field and the fix
 
 
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The settings models an annotation stands for (unwrapping Annotated and unions)."""
+    if typing.get_origin(annotation) is Annotated:
+        return _models(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _models(arg)]
+    return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
 def _field_info(path: tuple[str, ...]) -> tuple[str | None, list[str]]:
     """(description of the field at ``path``, names of its siblings) by walking the models."""
-    model: Any = KleidiSettings
+    candidates: list[type[BaseModel]] = [KleidiSettings]
     description = None
     siblings: list[str] = []
     for part in path:
-        fields = getattr(model, "model_fields", None)
-        if fields is None:
-            return None, []
-        siblings = list(fields)
-        if part not in fields:
+        siblings = sorted({name for model in candidates for name in model.model_fields})
+        found = [model.model_fields[part] for model in candidates if part in model.model_fields]
+        if not found:
             return None, siblings
-        info = fields[part]
-        description = info.description
-        model = info.annotation
+        description = found[0].description
+        candidates = [m for info in found for m in _models(info.annotation)]
     return description, siblings
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
-    # The discriminated union inserts the tag ("local") into the location; drop it.
+    # Discriminated unions insert their tag ("local", "approle") into the location; drop it.
+    tags = set(BACKEND_KINDS) | {"token", "approle", "jwt", "kubernetes", "cert"}
     parts = [str(p) for p in loc]
-    if len(parts) >= 2 and parts[0] == "backend" and parts[1] in ("local",):
-        del parts[1]
-    return tuple(parts)
+    return tuple(p for i, p in enumerate(parts) if not (i > 0 and p in tags and parts[i - 1] in ("backend", "auth")))
 
 
 def format_validation_error(exc: ValidationError, source: str,
@@ -317,8 +471,14 @@ def format_validation_error(exc: ValidationError, source: str,
             lines.append(f"  {dotted}{where}: unknown field; fix: remove it ({hint})")
             continue
         if err["type"] == "union_tag_invalid":
-            lines.append(f"  {dotted}.kind{where}: unknown backend kind {err['input'].get('kind')!r}; "
-                         "fix: use one of: local")
+            tag = "kind" if path[-1] == "backend" else "method"
+            choices = BACKEND_KINDS if tag == "kind" else ("token", "approle", "jwt", "kubernetes", "cert")
+            lines.append(f"  {dotted}.{tag}{where}: unknown {tag} {err['input'].get(tag)!r}; "
+                         f"fix: use one of: {', '.join(choices)}")
+            continue
+        if err["type"] == "union_tag_not_found":
+            lines.append(f"  {dotted}{where}: missing `method`; fix: set method to one of: token, approle, jwt, "
+                         "kubernetes, cert")
             continue
         message = str(err["msg"]).removeprefix("Value error, ")
         given = err.get("input")

@@ -46,8 +46,14 @@ class Server:
         self.keys.trigger()
 
     async def _start_grpc(self) -> grpc.aio.Server:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_MESSAGE),
-                                          ("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+            # grpc-core cancels calls queued beyond 1000 before the handler sees them; a burst of
+            # Decrypts after an apiserver restart can be larger, and every call here is short.
+            ("grpc.server.max_pending_requests", 20000),
+            ("grpc.server.max_pending_requests_hard_limit", 60000),
+        ])
         envelope_service = EnvelopeService(self.keys)
         v2_servicer = KMSv2Servicer(self.keys, envelope_service, self.settings.server.status_version)
         v2_grpc.add_KeyManagementServiceServicer_to_server(v2_servicer, server)

@@ -295,3 +295,24 @@ def test_concurrent_calls_from_many_channels(plugin: PluginUnderTest) -> None:
 
     with ThreadPoolExecutor(max_workers=32) as pool:
         assert all(pool.map(worker, range(128)))
+
+
+def test_a_burst_of_thousands_of_decrypts_is_served_in_full(plugin: PluginUnderTest) -> None:
+    """After an apiserver restart every cache miss is a Decrypt; none may be dropped (grpc-core
+    cancels calls queued beyond 1000 unless the server raises that limit)."""
+    import asyncio
+
+    from kleidi._proto.kmsv2 import api_pb2_grpc
+
+    written = plugin.encrypt(seed(plugin))
+
+    async def burst() -> list[bytes]:
+        async with grpc.aio.insecure_channel(plugin.endpoint) as channel:
+            stub = api_pb2_grpc.KeyManagementServiceStub(channel)
+            request = pb.DecryptRequest(ciphertext=written.ciphertext, key_id=written.key_id,
+                                        annotations=written.annotations, uid=uid())
+            responses = await asyncio.gather(*(stub.Decrypt(request, timeout=60) for _ in range(3000)))
+            return [r.plaintext for r in responses]
+
+    plaintexts = asyncio.run(burst())
+    assert len(plaintexts) == 3000 and set(plaintexts) == {plugin.seeds_sent[-1]}

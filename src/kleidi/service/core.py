@@ -79,7 +79,7 @@ class EnvelopeService:
         if key_id in key_set.retired:
             raise RetiredKey(f"key_id {key_id} has been retired; its ciphertexts can no longer be decrypted")
         raise UnknownKey(f"key_id {key_id[:128]} was not produced by this kleidi's {self._keys.backend.kind} "
-                         "backend")
+                         "backend (or names a key version it can no longer use)")
 
     async def decrypt(self, ciphertext: bytes, key_id: str, annotations: Mapping[str, bytes]) -> bytes:
         """KMS v2 Decrypt: every check runs before the backend is called."""

@@ -1,0 +1,445 @@
+"""Vault / OpenBao Transit backend: a named Transit key wraps the seeds; the KEK never leaves Vault.
+
+Wire calls (Vault HTTP API, identical in OpenBao):
+
+* ``GET  <mount>/keys/<key>``         key versions, creation times, min_decryption_version (refresh)
+* ``POST <mount>/encrypt/<key>``      seed -> ``vault:vN:...``, pinned to the current version, with the
+                                      envelope's authenticated data as ``associated_data`` (AEAD keys)
+* ``POST <mount>/decrypt/<key>``      the reverse, with the same ``associated_data``
+* ``auth/<mount>/login``, ``auth/token/renew-self``, ``auth/token/lookup-self``   token lifecycle
+
+One pooled HTTP/1.1 client (aiohttp, keep-alive) serves every request: measured against the Transit
+encrypt endpoint at 64 concurrent calls it does about 5x the throughput of hvac in a thread pool and
+15x that of httpx's async client (docs/backends/vault.md). The token is renewed before it
+expires; if Vault still refuses it (expired, revoked), kleidi logs in again and retries the request
+once, so an expired token never fails a call from the apiserver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json as json_module
+import logging
+import os
+import ssl
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import aiohttp
+
+from kleidi._crypto.keyid import derive_key_id
+from kleidi.backends.base import Backend, KeySet, KeyVersion
+from kleidi.config import (
+    VaultAppRoleAuth,
+    VaultBackendSettings,
+    VaultCertAuth,
+    VaultJWTAuth,
+    VaultKubernetesAuth,
+    VaultTokenAuth,
+)
+from kleidi.errors import BackendUnavailable, ConfigError, DecryptionFailed, KleidiError, RetiredKey
+
+log = logging.getLogger("kleidi.backends.vault")
+
+AEAD_KEY_TYPES = frozenset({"aes128-gcm96", "aes256-gcm96", "chacha20-poly1305", "xchacha20-poly1305"})
+_MAX_ERROR_TEXT = 200  # Vault's error strings are short; never echo a whole body into logs or errors
+
+
+def _read_secret(path: Path | None, env: str | None, what: str) -> str:
+    """A credential from a file (preferred) or an environment variable; never logged."""
+    if path is not None:
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"backend.auth: cannot read the {what} file {path}: {exc.strerror}; fix: check the "
+                              "path and that kleidi's user can read it") from None
+        if not value:
+            raise ConfigError(f"backend.auth: the {what} file {path} is empty")
+        return value
+    assert env is not None
+    value = os.environ.get(env, "").strip()
+    if not value:
+        raise ConfigError(f"backend.auth: environment variable {env} (the {what}) is not set or empty")
+    return value
+
+
+class VaultError(KleidiError):
+    """A non-2xx answer. ``errors`` are Vault's own messages, truncated."""
+
+    def __init__(self, status: int, errors: list[str]) -> None:
+        self.status = status
+        self.errors = [e[:_MAX_ERROR_TEXT] for e in errors[:3]]
+        super().__init__(f"Vault answered {status}: {'; '.join(self.errors) or 'no detail'}")
+
+
+@dataclass
+class _Token:
+    value: str
+    lease: float  # seconds; 0 = never expires (e.g. a root token)
+    renewable: bool
+    obtained: float  # time.monotonic() when issued or last renewed
+    source_stamp: object = None  # token file identity, for token auth
+
+    def remaining(self) -> float:
+        return float("inf") if self.lease <= 0 else self.lease - (time.monotonic() - self.obtained)
+
+    def due_for_renewal(self) -> bool:
+        # Renew when a third of the lease is left: time for a retry before it runs out.
+        return self.lease > 0 and self.remaining() < self.lease / 3
+
+
+class _Authenticator(ABC):
+    """Obtains a token. ``can_login_again`` is False for a static token, which only an operator renews."""
+
+    can_login_again: ClassVar[bool] = True
+
+    @abstractmethod
+    async def login(self, client: _VaultHTTP) -> _Token: ...
+
+
+class _TokenFileAuth(_Authenticator):
+    can_login_again = False
+
+    def __init__(self, settings: VaultTokenAuth) -> None:
+        self.settings = settings
+
+    def stamp(self) -> object:
+        path = self.settings.token_file
+        if path is None:
+            return os.environ.get(self.settings.token_env or "", "")
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    async def login(self, client: _VaultHTTP) -> _Token:
+        stamp = self.stamp()
+        value = _read_secret(self.settings.token_file, self.settings.token_env, "token")
+        data = (await client.call("GET", "auth/token/lookup-self", token=value))["data"]
+        return _Token(value=value, lease=float(data.get("ttl") or 0), renewable=bool(data.get("renewable")),
+                      obtained=time.monotonic(), source_stamp=stamp)
+
+
+class _LoginAuth(_Authenticator):
+    """Methods that exchange a credential for a token at ``auth/<mount>/login``."""
+
+    def __init__(self, mount: str) -> None:
+        self.mount = mount.strip("/")
+
+    @abstractmethod
+    def payload(self) -> dict[str, Any]: ...
+
+    async def login(self, client: _VaultHTTP) -> _Token:
+        body = await client.call("POST", f"auth/{self.mount}/login", json=self.payload(), token=None)
+        auth = body.get("auth") or {}
+        if not auth.get("client_token"):
+            raise BackendUnavailable(f"login at auth/{self.mount} returned no token")
+        return _Token(value=auth["client_token"], lease=float(auth.get("lease_duration") or 0),
+                      renewable=bool(auth.get("renewable")), obtained=time.monotonic())
+
+
+class _AppRoleAuth(_LoginAuth):
+    def __init__(self, settings: VaultAppRoleAuth) -> None:
+        super().__init__(settings.mount)
+        self.settings = settings
+
+    def payload(self) -> dict[str, Any]:
+        s = self.settings
+        return {"role_id": _read_secret(s.role_id_file, s.role_id_env, "role_id"),
+                "secret_id": _read_secret(s.secret_id_file, s.secret_id_env, "secret_id")}
+
+
+class _JWTAuth(_LoginAuth):
+    """JWT and Kubernetes auth share the request shape: a role and a JWT read fresh from its file."""
+
+    def __init__(self, settings: VaultJWTAuth | VaultKubernetesAuth) -> None:
+        super().__init__(settings.mount)
+        self.settings = settings
+
+    def payload(self) -> dict[str, Any]:
+        return {"role": self.settings.role, "jwt": _read_secret(self.settings.token_file, None, "JWT")}
+
+
+class _CertAuth(_LoginAuth):
+    def __init__(self, settings: VaultCertAuth) -> None:
+        super().__init__(settings.mount)
+        self.settings = settings
+
+    def payload(self) -> dict[str, Any]:
+        return {"name": self.settings.role} if self.settings.role else {}
+
+
+def _authenticator(settings: VaultBackendSettings) -> _Authenticator:
+    auth = settings.auth
+    if isinstance(auth, VaultTokenAuth):
+        return _TokenFileAuth(auth)
+    if isinstance(auth, VaultAppRoleAuth):
+        return _AppRoleAuth(auth)
+    if isinstance(auth, VaultJWTAuth | VaultKubernetesAuth):
+        return _JWTAuth(auth)
+    if settings.tls.client_cert_file is None:
+        raise ConfigError("backend.auth.method is cert but backend.tls.client_cert_file is not set; fix: set it "
+                          "to the client certificate (and client_key_file, unless the key is in the same file)")
+    return _CertAuth(auth)
+
+
+def _ssl_context(settings: VaultBackendSettings) -> ssl.SSLContext:
+    tls = settings.tls
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        if tls.client_cert_file is not None:
+            context.load_cert_chain(str(tls.client_cert_file),
+                                    str(tls.client_key_file) if tls.client_key_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"backend.tls: cannot load the CA or client certificate: {exc}; fix: check ca_file, "
+                          "client_cert_file and client_key_file (PEM)") from None
+    return context
+
+
+class _VaultHTTP:
+    """The one HTTP client: pooled connections, namespace header, token lifecycle, error mapping."""
+
+    def __init__(self, settings: VaultBackendSettings) -> None:
+        self.settings = settings
+        self.auth = _authenticator(settings)
+        self._headers = {"X-Vault-Request": "true"}
+        if settings.namespace:
+            self._headers["X-Vault-Namespace"] = settings.namespace
+        self._ssl = _ssl_context(settings) if settings.address.startswith("https:") else None
+        self._base = f"{settings.address}/v1/"
+        self._session: aiohttp.ClientSession | None = None  # created in the event loop, on first use
+        self._token: _Token | None = None
+        self._lock = asyncio.Lock()
+        self.logins = 0
+        self.renewals = 0
+
+    async def call(self, method: str, path: str, *, json: dict[str, Any] | None = None,
+                   token: str | None) -> dict[str, Any]:
+        """One request; transport problems become :class:`BackendUnavailable`, non-2xx :class:`VaultError`."""
+        headers = {"X-Vault-Token": token} if token else {}
+        try:
+            async with self.session().request(method, self._base + path, json=json, headers=headers,
+                                              server_hostname=self.settings.tls.server_name) as response:
+                status = response.status
+                payload = await response.read()
+        except TimeoutError:
+            raise BackendUnavailable(f"Vault at {self.settings.address} did not answer within "
+                                     f"{self.settings.timeout}s") from None
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailable(f"cannot reach Vault at {self.settings.address}: {type(exc).__name__}: "
+                                     f"{str(exc)[:_MAX_ERROR_TEXT]}") from None
+        try:
+            body = json_module.loads(payload) if payload else {}
+        except ValueError:
+            body = {}
+        if status >= 300:
+            errors = body.get("errors") if isinstance(body, dict) else None
+            raise VaultError(status, [str(e) for e in errors or []])
+        if not isinstance(body, dict):
+            raise BackendUnavailable(f"Vault answered {status} with a body that is not a JSON object")
+        return body
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.settings.max_connections,
+                                             ssl=self._ssl if self._ssl is not None else True)
+            self._session = aiohttp.ClientSession(headers=self._headers, connector=connector,
+                                                  timeout=aiohttp.ClientTimeout(total=self.settings.timeout))
+        return self._session
+
+    async def _fresh_token(self, stale: _Token | None) -> _Token:
+        """Log in (or renew) unless another request already replaced ``stale``."""
+        async with self._lock:
+            if self._token is not None and self._token is not stale and not self._token.due_for_renewal():
+                return self._token
+            current = self._token
+            if current is not None and current is stale is not None and current.renewable and \
+                    current.remaining() > 0 and not self._static_token_changed(current):
+                try:
+                    body = await self.call("POST", "auth/token/renew-self", json={}, token=current.value)
+                    lease = float((body.get("auth") or {}).get("lease_duration") or 0)
+                    # A lease cut short by the token's max TTL is no renewal: log in afresh when we can.
+                    if lease >= min(current.lease / 2, 5.0) or not self.auth.can_login_again:
+                        current.lease, current.obtained = lease, time.monotonic()
+                        self.renewals += 1
+                        log.info("Vault token renewed for %.0fs", lease)
+                        return current
+                except VaultError as exc:
+                    log.warning("Vault token renewal failed (%s); logging in again", exc)
+            if stale is not None and self._token is stale and not self.auth.can_login_again and \
+                    not self._static_token_changed(stale) and stale.remaining() > 0:
+                return stale  # a static token that is not expired: keep using it
+            token = await self.auth.login(self)
+            self.logins += 1
+            log.info("logged in to Vault (%s); token valid for %s", type(self.auth).__name__.strip("_"),
+                     f"{token.lease:.0f}s" if token.lease else "ever")
+            self._token = token
+            return token
+
+    def _static_token_changed(self, token: _Token) -> bool:
+        return isinstance(self.auth, _TokenFileAuth) and self.auth.stamp() != token.source_stamp
+
+    async def token(self) -> _Token:
+        token = self._token
+        if token is None or token.due_for_renewal() or self._static_token_changed(token):
+            token = await self._fresh_token(token)
+        return token
+
+    async def authed(self, method: str, path: str, json: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A request with the current token; on 403 it gets a new token and tries once more."""
+        token = await self.token()
+        try:
+            return await self.call(method, path, json=json, token=token.value)
+        except VaultError as exc:
+            if exc.status != 403:
+                raise
+        if self.auth.can_login_again and self._token is token:
+            self._token = None  # refused: do not renew it, log in again (once, however many requests saw it)
+        token = await self._fresh_token(token)
+        try:
+            return await self.call(method, path, json=json, token=token.value)
+        except VaultError as exc:
+            if exc.status == 403:
+                raise BackendUnavailable("Vault denied the request (permission denied): check kleidi's policy "
+                                         "(`kleidi policy vault`) and its auth role") from None
+            raise
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class VaultBackend(Backend):
+    """Seeds wrapped by a Vault/OpenBao Transit key; Transit key versions are kleidi's KEK versions."""
+
+    kind: ClassVar[str] = "vault"
+
+    def __init__(self, settings: VaultBackendSettings) -> None:
+        self.settings = settings
+        self.client = _VaultHTTP(settings)
+        self._mount, self._key = settings.transit_mount, settings.key
+        self._identity = f"{settings.namespace or ''}/{self._mount}/{self._key}"
+        self._key_set: KeySet | None = None
+        self._aead = True
+        self._created: dict[int, str] = {}  # every version seen: version -> creation time
+        self._highest_latest = 0
+        self._warned_non_aead = False
+
+    def describe(self) -> str:
+        ns = f" namespace {self.settings.namespace}" if self.settings.namespace else ""
+        return f"vault {self.settings.address}{ns} transit key {self._mount}/{self._key}"
+
+    def _key_version(self, version: int) -> KeyVersion:
+        return KeyVersion(derive_key_id(self.kind, self._identity, version, self._created[version]), version)
+
+    async def load_keys(self, force: bool = False) -> KeySet:
+        try:
+            data = (await self.client.authed("GET", f"{self._mount}/keys/{self._key}"))["data"]
+        except VaultError as exc:
+            if exc.status == 404:
+                raise BackendUnavailable(f"Transit key {self._mount}/{self._key} does not exist; fix: create it "
+                                         f"(`vault write -f {self._mount}/keys/{self._key}`)") from None
+            raise BackendUnavailable(str(exc)) from None
+        if not data.get("supports_encryption", True):
+            raise BackendUnavailable(f"Transit key {self._key} is of type {data.get('type')}, which cannot encrypt; "
+                                     "fix: use an aes256-gcm96 key")
+        self._aead = data.get("type") in AEAD_KEY_TYPES
+        if not self._aead and not self._warned_non_aead:
+            self._warned_non_aead = True
+            log.warning("Transit key %s is of type %s, which cannot bind associated data: ciphertexts are not "
+                        "bound to their key_id and annotations; prefer aes256-gcm96", self._key, data.get("type"))
+        observed = {int(v): str(created) for v, created in (data.get("keys") or {}).items()}
+        latest, min_decrypt = int(data["latest_version"]), int(data.get("min_decryption_version") or 1)
+        same_lineage = all(self._created.get(v, c) == c for v, c in observed.items())
+        if not same_lineage:  # the key was deleted and re-created: a new lineage, new key_ids
+            log.warning("Transit key %s was re-created (version creation times changed)", self._key)
+            self._created, self._highest_latest = {}, 0
+        if latest < self._highest_latest:
+            # Reporting an older version's key_id again would be a key_id flip-flop (A -> B -> A).
+            raise BackendUnavailable(f"Transit key {self._key} went back from version {self._highest_latest} to "
+                                     f"{latest} (restored from a backup?); kleidi will not report an older key_id "
+                                     "again; fix: rotate the key past version "
+                                     f"{self._highest_latest}")
+        self._created.update(observed)
+        self._highest_latest = latest
+        if latest not in self._created:
+            raise BackendUnavailable(f"Transit key {self._key} reports latest version {latest} without its "
+                                     "creation time")
+        versions = [self._key_version(v) for v in sorted(self._created)]
+        usable = {k.key_id: k for k in versions if min_decrypt <= k.version <= latest}
+        retired = {k.key_id: k for k in versions if k.version < min_decrypt}
+        self._key_set = KeySet(current=self._key_version(latest), usable=usable, retired=retired,
+                               generation=(tuple(sorted(observed.items())), latest, min_decrypt))
+        return self._key_set
+
+    async def wrap(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:
+        body: dict[str, Any] = {"plaintext": _b64(plaintext), "key_version": key.version}
+        if self._aead:
+            body["associated_data"] = _b64(aad)
+        try:
+            data = (await self.client.authed("POST", f"{self._mount}/encrypt/{self._key}", body))["data"]
+        except VaultError as exc:
+            raise BackendUnavailable(f"Transit encrypt failed: {exc}") from None
+        ciphertext = str(data["ciphertext"])
+        if not ciphertext.startswith(f"vault:v{key.version}:"):
+            raise BackendUnavailable(f"Transit encrypted with another version than {key.version}")
+        return ciphertext.encode()
+
+    async def unwrap(self, key: KeyVersion, payload: bytes, aad: bytes) -> bytes:
+        if not payload.startswith(f"vault:v{key.version}:".encode()):
+            raise DecryptionFailed()
+        body: dict[str, Any] = {"ciphertext": payload.decode("ascii", errors="replace")}
+        if self._aead:
+            body["associated_data"] = _b64(aad)
+        try:
+            data = (await self.client.authed("POST", f"{self._mount}/decrypt/{self._key}", body))["data"]
+        except VaultError as exc:
+            text = " ".join(exc.errors).lower()
+            if exc.status == 400 and "disallowed by policy" in text:
+                raise RetiredKey(f"Transit key version {key.version} is below min_decryption_version") from None
+            if exc.status == 400:
+                raise DecryptionFailed() from None
+            raise BackendUnavailable(f"Transit decrypt failed: {exc}") from None
+        return base64.b64decode(data["plaintext"])
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def policy(settings: VaultBackendSettings) -> str:
+    """The least-privilege Vault policy for this configuration, in HCL."""
+    mount, key = settings.transit_mount, settings.key
+    where = f" in namespace {settings.namespace}" if settings.namespace else ""
+    return f'''# kleidi: minimal Vault/OpenBao policy for Transit key "{key}" on mount "{mount}"{where}.
+# Write it with: vault policy write kleidi <this file>
+
+# Wrap and unwrap seeds (the KEK never leaves Vault).
+path "{mount}/encrypt/{key}" {{
+  capabilities = ["update"]
+}}
+path "{mount}/decrypt/{key}" {{
+  capabilities = ["update"]
+}}
+
+# Read key versions and min_decryption_version (key_id and rotation; no key material).
+path "{mount}/keys/{key}" {{
+  capabilities = ["read"]
+}}
+
+# Token lifecycle.
+path "auth/token/lookup-self" {{
+  capabilities = ["read"]
+}}
+path "auth/token/renew-self" {{
+  capabilities = ["update"]
+}}
+'''
