@@ -51,9 +51,32 @@ def _local_plugin(kleidi_factory: Any) -> PluginUnderTest:
     return PluginUnderTest(proc=proc, rotate=rotate, retire=retire, start_peer=start_peer)
 
 
-@pytest.fixture(params=["local"])
+def _vault_plugin(kleidi_factory: Any, request: pytest.FixtureRequest) -> PluginUnderTest:
+    """kleidi on a real OpenBao Transit key, logged in with a token limited to `kleidi policy vault`."""
+    from tests.vault import kleidi_vault
+    from tests.vault.openbao import unique
+
+    server = request.getfixturevalue("openbao")
+    key = server.create_key(unique("conformance"))
+    workdir = request.getfixturevalue("short_dir")
+    config = kleidi_vault.backend(server, key, kleidi_vault.token_auth(server, key, workdir))
+    proc: KleidiProcess = kleidi_factory("kleidi", create_keyring=False, backend=config)
+
+    def retire(key_id: str) -> None:
+        version = int(key_id.split(":")[2].removeprefix("v"))
+        server.set_min_decryption_version(key, version + 1)
+
+    def start_peer() -> KleidiProcess:
+        peer: KleidiProcess = kleidi_factory("peer", create_keyring=False, backend=config)
+        return peer
+
+    return PluginUnderTest(proc=proc, rotate=lambda: server.rotate_key(key) and None, retire=retire,
+                           start_peer=start_peer)
+
+
+@pytest.fixture(params=["local", "vault"])
 def plugin(request: pytest.FixtureRequest, kleidi_factory: Any) -> Iterator[PluginUnderTest]:
-    under_test = _local_plugin(kleidi_factory)
+    under_test = _local_plugin(kleidi_factory) if request.param == "local" else _vault_plugin(kleidi_factory, request)
     yield under_test
     # Nothing secret in the log: no seed this test sent may appear in any encoding.
     log = under_test.proc.log()

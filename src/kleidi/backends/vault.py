@@ -274,7 +274,11 @@ class _VaultHTTP:
             if stale is not None and self._token is stale and not self.auth.can_login_again and \
                     not self._static_token_changed(stale) and stale.remaining() > 0:
                 return stale  # a static token that is not expired: keep using it
-            token = await self.auth.login(self)
+            try:
+                token = await self.auth.login(self)
+            except VaultError as exc:  # a refused login is an outage for the caller, never a bad ciphertext
+                raise BackendUnavailable(f"Vault login failed ({type(self.auth).__name__.strip('_')}): "
+                                         f"{exc}") from None
             self.logins += 1
             log.info("logged in to Vault (%s); token valid for %s", type(self.auth).__name__.strip("_"),
                      f"{token.lease:.0f}s" if token.lease else "ever")
@@ -405,7 +409,10 @@ class VaultBackend(Backend):
         except VaultError as exc:
             text = " ".join(exc.errors).lower()
             if exc.status == 400 and "disallowed by policy" in text:
-                raise RetiredKey(f"Transit key version {key.version} is below min_decryption_version") from None
+                raise RetiredKey(f"key_id {key.key_id} has been retired: Transit key version {key.version} is below "
+                                 "the key's min_decryption_version") from None
+            if exc.status == 400 and "not found" in text:
+                raise BackendUnavailable(f"Transit decrypt failed: {exc}") from None
             if exc.status == 400:
                 raise DecryptionFailed() from None
             raise BackendUnavailable(f"Transit decrypt failed: {exc}") from None
