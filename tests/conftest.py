@@ -19,7 +19,6 @@ import yaml
 
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
-
 from tests.vault.fixtures import client_ca, fresh_openbao, openbao, pki_dir, transit_key  # noqa: F401
 
 KLEIDI = str(Path(sys.executable).with_name("kleidi"))
