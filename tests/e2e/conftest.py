@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,11 @@ class ControlPlane:
         self.kleidis: list[KleidiProcess] = []
         self.apiservers: list[KubeAPIServer] = []
 
-    def kleidi(self, name: str = "kleidi", keyring: Path | None = None, start: bool = True) -> KleidiProcess:
+    def kleidi(self, name: str = "kleidi", keyring: Path | None = None, start: bool = True,
+               backend: dict[str, Any] | None = None) -> KleidiProcess:
         """A kleidi as the quickstart runs it (refresh tightened so rotations show up fast)."""
-        proc = KleidiProcess(self.workdir, name, keyring=keyring)
-        if not proc.keyring.exists():
+        proc = KleidiProcess(self.workdir, name, keyring=keyring, backend=backend)
+        if backend is None and not proc.keyring.exists():
             keygen(proc.keyring)
         self.kleidis.append(proc)
         return proc.start() if start else proc
@@ -91,3 +94,43 @@ def cluster(control_plane: ControlPlane) -> Any:
     kleidi = control_plane.kleidi()
     api = control_plane.apiserver(config=control_plane.encryption_config(kleidi))
     return control_plane, kleidi, api
+
+
+@dataclass
+class KEKControls:
+    """Backend-side KEK operations: rotate to a new version; retire the version behind a key_id."""
+
+    rotate: Callable[[], None]
+    retire: Callable[[str], None]
+
+
+@pytest.fixture(params=["local", "vault"])
+def any_backend_cluster(request: pytest.FixtureRequest, control_plane: ControlPlane) -> Any:
+    """The quickstart's set-up with the local backend, and again with a real OpenBao Transit key."""
+    if request.param == "local":
+        kleidi = control_plane.kleidi()
+        keyring = str(kleidi.keyring)
+
+        def retire_local(key_id: str) -> None:
+            listing = json.loads(run_kleidi("keys", "--keyring", keyring, "--json").stdout)
+            version = next(v["version"] for v in listing["versions"] if v["key_id"] == key_id)
+            assert run_kleidi("retire", str(version), "--yes", "--keyring", keyring).returncode == 0
+
+        controls = KEKControls(rotate=lambda: _ok(run_kleidi("rotate", "--keyring", keyring)), retire=retire_local)
+    else:
+        from tests.vault import kleidi_vault
+        from tests.vault.openbao import unique
+
+        server = request.getfixturevalue("openbao")
+        key = server.create_key(unique("e2e"))
+        kleidi = control_plane.kleidi(backend=kleidi_vault.backend(
+            server, key, kleidi_vault.token_auth(server, key, control_plane.workdir)))
+        controls = KEKControls(
+            rotate=lambda: server.rotate_key(key) and None,
+            retire=lambda key_id: server.set_min_decryption_version(key, int(key_id.split(":")[2][1:]) + 1))
+    api = control_plane.apiserver(config=control_plane.encryption_config(kleidi))
+    return control_plane, kleidi, api, controls
+
+
+def _ok(result: Any) -> None:
+    assert result.returncode == 0, result.stderr

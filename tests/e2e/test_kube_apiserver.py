@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from kleidi._crypto import kmsv2_storage as storage
-from tests.conftest import run_kleidi
 from tests.e2e.cluster import TOKEN, KubeAPIServer
 from tests.e2e.conftest import PROVIDER, ControlPlane
 
@@ -86,8 +85,8 @@ def provoke_status_poll(api: KubeAPIServer) -> None:
 # ------------------------------------------------------------------------------------------------ 1
 
 
-def test_secrets_are_encrypted_in_etcd_and_read_back_unchanged(cluster: Any) -> None:
-    plane, kleidi, api = cluster
+def test_secrets_are_encrypted_in_etcd_and_read_back_unchanged(any_backend_cluster: Any) -> None:
+    plane, kleidi, api, _ = any_backend_cluster
     expected = create_secrets(api, [f"s{i}" for i in range(20)])
     key_id = kleidi.status().key_id
     for name, data in expected.items():
@@ -124,13 +123,13 @@ def test_kleidi_restart_keeps_the_apiserver_serving(cluster: Any, how: str) -> N
 # ------------------------------------------------------------------------------------------------ 3
 
 
-def test_rotation_reencryption_and_retirement(cluster: Any) -> None:
-    plane, kleidi, api = cluster
+def test_rotation_reencryption_and_retirement(any_backend_cluster: Any) -> None:
+    plane, kleidi, api, kek = any_backend_cluster
     old_key_id = kleidi.status().key_id
     old_secrets = create_secrets(api, [f"old{i}" for i in range(10)])
     assert all(key_id_of(stored(plane, name)) == old_key_id for name in old_secrets)
 
-    assert run_kleidi("rotate", "--keyring", str(kleidi.keyring)).returncode == 0
+    kek.rotate()
     new_key_id = kleidi.wait_for_key_id(lambda k: k != old_key_id)
 
     def new_writes_use_new_key() -> bool:
@@ -150,9 +149,7 @@ def test_rotation_reencryption_and_retirement(cluster: Any) -> None:
     assert values and all(key_id_of(v) == new_key_id for v in values.values()), \
         "some Secrets are still on the old key"
 
-    listing = json.loads(run_kleidi("keys", "--keyring", str(kleidi.keyring), "--json").stdout)
-    old_version = next(v["version"] for v in listing["versions"] if v["key_id"] == old_key_id)
-    assert run_kleidi("retire", str(old_version), "--yes", "--keyring", str(kleidi.keyring)).returncode == 0
+    kek.retire(old_key_id)
     # Restart the apiserver so that nothing is served from its seed cache: every Secret must now
     # decrypt through kleidi with the remaining key alone.
     api.stop()
