@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
-from kleidi.config import ENV_PREFIX, ENV_SEPARATOR, KleidiSettings
+from kleidi.config import ENV_PREFIX, ENV_SEPARATOR, KleidiSettings, _models
 
 _INTRO = """\
 # Configuration reference
@@ -37,18 +38,6 @@ A complete file with every default:
 """
 
 
-def _leaves(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
-    rows: list[tuple[tuple[str, ...], Any]] = []
-    for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows.append(((*prefix, name), info))
-            rows.extend(_leaves(annotation, (*prefix, name)))
-        else:
-            rows.append(((*prefix, name), info))
-    return rows
-
-
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
@@ -60,29 +49,57 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation)).replace("Path", "path").replace("float", "number")
 
 
+def _default(path: tuple[str, ...], info: FieldInfo) -> str:
+    if info.is_required():
+        return "required"
+    value = info.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if path[-1] == "socket_mode" and isinstance(value, int):
+        return f"`\"{value:04o}\"`"
+    return f"`{json.dumps(value, default=str)}`"
+
+
+def _tag(model: type[BaseModel]) -> str:
+    for name in ("kind", "method"):
+        field = model.model_fields.get(name)
+        if field is not None and typing.get_origin(field.annotation) is typing.Literal:
+            return f"{name}: {typing.get_args(field.annotation)[0]}"
+    return model.__name__
+
+
+def _render(model: type[BaseModel], prefix: tuple[str, ...], level: int, out: list[str]) -> None:
+    for name, info in model.model_fields.items():
+        path = (*prefix, name)
+        dotted = ".".join(path)
+        description = " ".join((info.description or "").split())
+        members = _models(info.annotation)
+        heading = "#" * min(level, 6)
+        if len(members) == 1:
+            out.append(f"\n{heading} `{dotted}`\n\n{description}\n")
+            _render(members[0], path, level + 1, out)
+        elif members:
+            out.append(f"\n{heading} `{dotted}`\n\n{description} One of:\n")
+            for member in members:
+                doc = " ".join((member.__doc__ or "").split())
+                out.append(f"\n{'#' * min(level + 1, 6)} `{dotted}` with `{_tag(member)}`\n\n{doc}\n")
+                _render(member, path, level + 2, out)
+        else:
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            kind = "duration" if extra.get("x-kleidi-type") == "duration" else _type_name(info.annotation)
+            if name == "socket_mode":
+                kind = "octal mode"
+            env = ENV_PREFIX + ENV_SEPARATOR.join(p.upper() for p in path)
+            out.append(f"\n{heading} `{dotted}`\n\n{kind} · default {_default(path, info)} · env `{env}`\n\n"
+                       f"{description}\n")
+
+
 def render_reference() -> str:
     import yaml
 
     defaults = KleidiSettings().model_dump(mode="json")
     out = [_INTRO.format(example=yaml.safe_dump(defaults, sort_keys=False))]
-    for path, info in _leaves(KleidiSettings):
-        annotation = info.annotation
-        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-        dotted = ".".join(path)
-        description = " ".join((info.description or "").split())
-        if is_section:
-            out.append(f"\n## `{dotted}`\n\n{description}\n")
-            continue
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        kind = "duration" if extra.get("x-kleidi-type") == "duration" else _type_name(annotation)
-        if dotted.endswith("socket_mode"):
-            kind = "octal mode"
-        default: Any = defaults
-        for part in path:
-            default = default[part]
-        env = ENV_PREFIX + ENV_SEPARATOR.join(p.upper() for p in path)
-        out.append(f"\n### `{dotted}`\n\n{kind} · default `{json.dumps(default)}` · env `{env}`\n\n"
-                   f"{description}\n")
+    _render(KleidiSettings, (), 2, out)
     return "".join(out)
 
 
