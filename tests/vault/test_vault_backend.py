@@ -248,7 +248,9 @@ def test_renewable_tokens_are_renewed_before_expiry(openbao: OpenBao, transit_ke
     results, _ = _run_load(proc, 10, threads=2)
     assert set(results) == {"ok"}, results
     assert proc.log().count("logged in to Vault") == 1
-    assert proc.log().count("Vault token renewed") >= 2
+    renewals = proc.log().count("Vault token renewed")
+    # about one renewal per 2.7 s (a third of 4 s left) and never one per waiting request
+    assert 2 <= renewals <= 8, renewals
 
 
 # ------------------------------------------------------------------------------------------- key versions

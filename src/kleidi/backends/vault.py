@@ -252,28 +252,18 @@ class _VaultHTTP:
                                                   timeout=aiohttp.ClientTimeout(total=self.settings.timeout))
         return self._session
 
-    async def _fresh_token(self, stale: _Token | None) -> _Token:
-        """Log in (or renew) unless another request already replaced ``stale``."""
+    async def _fresh_token(self) -> _Token:
+        """Renew the token or log in again, once, however many requests ask at the same time."""
         async with self._lock:
-            if self._token is not None and self._token is not stale and not self._token.due_for_renewal():
-                return self._token
             current = self._token
-            if current is not None and current is stale is not None and current.renewable and \
-                    current.remaining() > 0 and not self._static_token_changed(current):
-                try:
-                    body = await self.call("POST", "auth/token/renew-self", json={}, token=current.value)
-                    lease = float((body.get("auth") or {}).get("lease_duration") or 0)
-                    # A lease cut short by the token's max TTL is no renewal: log in afresh when we can.
-                    if lease >= min(current.lease / 2, 5.0) or not self.auth.can_login_again:
-                        current.lease, current.obtained = lease, time.monotonic()
-                        self.renewals += 1
-                        log.info("Vault token renewed for %.0fs", lease)
-                        return current
-                except VaultError as exc:
-                    log.warning("Vault token renewal failed (%s); logging in again", exc)
-            if stale is not None and self._token is stale and not self.auth.can_login_again and \
-                    not self._static_token_changed(stale) and stale.remaining() > 0:
-                return stale  # a static token that is not expired: keep using it
+            if current is not None and not current.due_for_renewal() and not self._static_token_changed(current):
+                return current  # another request already renewed or replaced it
+            if current is not None and current.renewable and current.remaining() > 0 and \
+                    not self._static_token_changed(current) and await self._renew(current):
+                return current
+            if current is not None and not self.auth.can_login_again and \
+                    not self._static_token_changed(current) and current.remaining() > 0:
+                return current  # a static token that has not expired: keep using it
             try:
                 token = await self.auth.login(self)
             except VaultError as exc:  # a refused login is an outage for the caller, never a bad ciphertext
@@ -285,13 +275,28 @@ class _VaultHTTP:
             self._token = token
             return token
 
+    async def _renew(self, token: _Token) -> bool:
+        try:
+            body = await self.call("POST", "auth/token/renew-self", json={}, token=token.value)
+        except VaultError as exc:
+            log.warning("Vault token renewal failed (%s); logging in again", exc)
+            return False
+        lease = float((body.get("auth") or {}).get("lease_duration") or 0)
+        # A lease cut short by the token's max TTL is no real renewal: log in afresh when we can.
+        if lease < min(token.lease / 2, 5.0) and self.auth.can_login_again:
+            return False
+        token.lease, token.obtained = lease, time.monotonic()
+        self.renewals += 1
+        log.info("Vault token renewed for %.0fs", lease)
+        return True
+
     def _static_token_changed(self, token: _Token) -> bool:
         return isinstance(self.auth, _TokenFileAuth) and self.auth.stamp() != token.source_stamp
 
     async def token(self) -> _Token:
         token = self._token
         if token is None or token.due_for_renewal() or self._static_token_changed(token):
-            token = await self._fresh_token(token)
+            token = await self._fresh_token()
         return token
 
     async def authed(self, method: str, path: str, json: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -304,7 +309,7 @@ class _VaultHTTP:
                 raise
         if self.auth.can_login_again and self._token is token:
             self._token = None  # refused: do not renew it, log in again (once, however many requests saw it)
-        token = await self._fresh_token(token)
+        token = await self._fresh_token()
         try:
             return await self.call(method, path, json=json, token=token.value)
         except VaultError as exc:
