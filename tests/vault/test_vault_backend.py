@@ -412,3 +412,25 @@ def test_missing_credential_file_stops_start_up(openbao: OpenBao, transit_key: s
 def test_config_schema_lists_the_vault_backend() -> None:
     schema = json.loads(run_kleidi("config", "schema").stdout)
     assert "VaultBackendSettings" in json.dumps(schema)
+
+
+def test_a_key_restored_from_an_older_backup_does_not_bring_back_an_old_key_id(
+        openbao: OpenBao, kleidi_factory: Any, short_dir: Path) -> None:
+    """Restoring a Transit backup taken at version 1 after rotating to 2 would make Status go
+    A -> B -> A; kleidi refuses to report A again and says why, until the key moves past 2."""
+    key = openbao.create_key(unique("restored"))
+    openbao.configure_key(key, exportable=True, allow_plaintext_backup=True)
+    backup = openbao.read(f"transit/backup/{key}")["data"]["backup"]  # type: ignore[index]
+    proc = start_kleidi(kleidi_factory, kleidi_vault.backend(
+        openbao, key, kleidi_vault.token_auth(openbao, key, short_dir)))
+    first = proc.status().key_id
+    openbao.rotate_key(key)
+    second = proc.wait_for_key_id(lambda k: k != first)
+    openbao.write(f"transit/restore/{key}", backup=backup, force=True)  # back to version 1
+    wait_until(lambda: "went back from version 2 to 1" in healthz(proc), 15, "Status to refuse the rollback")
+    assert proc.status().key_id == second  # never the old key_id again
+    openbao.rotate_key(key)
+    openbao.rotate_key(key)  # version 3: past everything reported before
+    third = proc.wait_for_key_id(lambda k: k.startswith("kleidi:vault:v3:"))
+    assert third not in (first, second)
+    wait_until(lambda: healthz(proc) == "ok", 15, "Status to be healthy again")

@@ -341,6 +341,7 @@ class VaultBackend(Backend):
         self._aead = True
         self._created: dict[int, str] = {}  # every version seen: version -> creation time
         self._highest_latest = 0
+        self._rollback_floor = 0  # after a rollback: the version the key must pass before it is trusted again
         self._warned_non_aead = False
 
     def describe(self) -> str:
@@ -371,13 +372,16 @@ class VaultBackend(Backend):
         same_lineage = all(self._created.get(v, c) == c for v, c in observed.items())
         if not same_lineage:  # the key was deleted and re-created: a new lineage, new key_ids
             log.warning("Transit key %s was re-created (version creation times changed)", self._key)
-            self._created, self._highest_latest = {}, 0
+            self._created, self._highest_latest, self._rollback_floor = {}, 0, 0
         if latest < self._highest_latest:
-            # Reporting an older version's key_id again would be a key_id flip-flop (A -> B -> A).
-            raise BackendUnavailable(f"Transit key {self._key} went back from version {self._highest_latest} to "
+            self._rollback_floor = self._highest_latest
+        if self._rollback_floor and latest <= self._rollback_floor:
+            # Reporting an older version's key_id again would be a key_id flip-flop (A -> B -> A); and a
+            # version re-created with the same number within the same second would even repeat a key_id.
+            raise BackendUnavailable(f"Transit key {self._key} went back from version {self._rollback_floor} to "
                                      f"{latest} (restored from a backup?); kleidi will not report an older key_id "
-                                     "again; fix: rotate the key past version "
-                                     f"{self._highest_latest}")
+                                     f"again; fix: rotate the key past version {self._rollback_floor}")
+        self._rollback_floor = 0
         self._created.update(observed)
         self._highest_latest = latest
         if latest not in self._created:
