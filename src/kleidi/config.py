@@ -293,6 +293,11 @@ class VaultBackendSettings(_BackendSettings):
             raise ValueError(f"expected a URL such as https://vault.example.com:8200, got {value!r}")
         return value.rstrip("/")
 
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_path(cls, value: str | None) -> str | None:
+        return value.strip("/") or None if value is not None else None
+
     @field_validator("transit_mount")
     @classmethod
     def _mount_path(cls, value: str) -> str:

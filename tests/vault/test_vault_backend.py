@@ -377,7 +377,7 @@ def test_policy_command_prints_the_minimal_policy(short_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     paths = [line.split('"')[1] for line in result.stdout.splitlines() if line.startswith("path ")]
     assert paths == ["kms/encrypt/cluster-a", "kms/decrypt/cluster-a", "kms/keys/cluster-a",
-                     "auth/token/lookup-self", "auth/token/renew-self"]
+                     "auth/token/lookup-self", "auth/token/renew-self", "auth/token/revoke-self"]
     local = run_kleidi("policy", "vault")
     assert local.returncode == 2 and "needs a vault backend" in local.stderr
 
@@ -434,3 +434,58 @@ def test_a_key_restored_from_an_older_backup_does_not_bring_back_an_old_key_id(
     third = proc.wait_for_key_id(lambda k: k.startswith("kleidi:vault:v3:"))
     assert third not in (first, second)
     wait_until(lambda: healthz(proc) == "ok", 15, "Status to be healthy again")
+
+
+def test_a_policy_denial_is_reported_without_logging_in_again_and_again(
+        openbao: OpenBao, transit_key: str, kleidi_factory: Any, short_dir: Path) -> None:
+    """A valid token that the policy refuses: re-login would not help, so kleidi does not churn tokens."""
+    encrypt_only = openbao.write_policy(unique("encrypt-only"), f"""
+path "transit/encrypt/{transit_key}" {{ capabilities = ["update"] }}
+path "transit/keys/{transit_key}" {{ capabilities = ["read"] }}
+path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+""")
+    role_id, secret_id = openbao.approle(unique("denied"), [encrypt_only], token_ttl="1h")
+    auth = {"method": "approle", "role_id_file": str(write_private(short_dir / "rid", role_id)),
+            "secret_id_file": str(write_private(short_dir / "sid", secret_id))}
+    proc = start_kleidi(kleidi_factory, kleidi_vault.backend(openbao, transit_key, auth, probe_interval="1h"),
+                        start=False)
+    proc.start(wait=False)
+    wait_until(lambda: proc.socket_path.exists(), 20, "kleidi to listen")
+    written = proc.encrypt(os.urandom(32))
+    for _ in range(5):
+        with pytest.raises(grpc.RpcError) as info:
+            proc.decrypt(written.ciphertext, written.key_id, written.annotations)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "permission denied" in (info.value.details() or "")
+    assert proc.log().count("logged in to Vault") == 1
+
+
+def test_another_node_decrypts_right_after_a_rotation_it_has_not_polled_yet(
+        openbao: OpenBao, transit_key: str, kleidi_factory: Any, short_dir: Path) -> None:
+    config = kleidi_vault.backend(openbao, transit_key, kleidi_vault.token_auth(openbao, transit_key, short_dir))
+    fast = start_kleidi(kleidi_factory, config, "fast")
+    slow = start_kleidi(kleidi_factory, {**config, "refresh_interval": "1h"}, "slow")
+    old_key_id = slow.status().key_id
+    openbao.rotate_key(transit_key)
+    fast.wait_for_key_id(lambda k: k != old_key_id)
+    seed = os.urandom(32)
+    written = fast.encrypt(seed)
+    time.sleep(1.1)  # on-demand refreshes are limited to one a second (a flood of unknown key_ids is cheap)
+    assert slow.status().key_id == old_key_id  # the slow node has not polled yet ...
+    assert slow.decrypt(written.ciphertext, written.key_id, written.annotations) == seed  # ... and still decrypts
+
+
+def test_a_renewed_client_certificate_is_picked_up_without_a_restart(
+        openbao: OpenBao, transit_key: str, kleidi_factory: Any, client_ca: LocalCA) -> None:
+    mount = unique("cert")
+    openbao.cert_auth(client_ca.cert_pem, [kleidi_vault.kleidi_policy(openbao, transit_key)], mount=mount)
+    cert, key = client_ca.issue_client("kubelet")
+    combined = client_ca.combined_pem(cert, key, "kubelet-client-current.pem")
+    config = kleidi_vault.backend(openbao, transit_key, {"method": "cert", "mount": mount}, tls=True)
+    config["tls"]["client_cert_file"] = str(combined)
+    proc = start_kleidi(kleidi_factory, config)
+    round_trip(proc)
+    new_cert, new_key = client_ca.issue_client("kubelet-renewed")
+    client_ca.combined_pem(new_cert, new_key, "kubelet-client-current.pem")  # rewritten in place, as the kubelet does
+    wait_until(lambda: "TLS certificates reloaded" in proc.log(), 15, "the new certificate to be loaded")
+    round_trip(proc)

@@ -92,6 +92,10 @@ class _Token:
         return self.lease > 0 and self.remaining() < self.lease / 3
 
 
+_DENIED = BackendUnavailable("Vault denied the request (permission denied): check kleidi's policy "
+                             "(`kleidi policy vault`) and its auth role")
+
+
 class _Authenticator(ABC):
     """Obtains a token. ``can_login_again`` is False for a static token, which only an operator renews."""
 
@@ -211,6 +215,10 @@ class _VaultHTTP:
         if settings.namespace:
             self._headers["X-Vault-Namespace"] = settings.namespace
         self._ssl = _ssl_context(settings) if settings.address.startswith("https:") else None
+        self._tls_stamp = self._tls_files_stamp()
+        if not settings.address.startswith("https:") and any(
+                (settings.tls.ca_file, settings.tls.client_cert_file, settings.tls.server_name)):
+            log.warning("backend.tls is set but backend.address is http://: TLS settings are not used")
         self._base = f"{settings.address}/v1/"
         self._session: aiohttp.ClientSession | None = None  # created in the event loop, on first use
         self._token: _Token | None = None
@@ -244,6 +252,28 @@ class _VaultHTTP:
             raise BackendUnavailable(f"Vault answered {status} with a body that is not a JSON object")
         return body
 
+    def _tls_files_stamp(self) -> tuple[object, ...]:
+        stamps: list[object] = []
+        for path in (self.settings.tls.ca_file, self.settings.tls.client_cert_file, self.settings.tls.client_key_file):
+            try:
+                st = path.stat() if path is not None else None
+            except OSError:
+                st = None
+            stamps.append((st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None)
+        return tuple(stamps)
+
+    async def reload_tls_if_changed(self, force: bool = False) -> None:
+        """Pick up a renewed client certificate (e.g. the kubelet's) or CA bundle without a restart."""
+        stamp = self._tls_files_stamp()
+        if self._ssl is None or (stamp == self._tls_stamp and not force):
+            return
+        self._ssl = _ssl_context(self.settings)
+        self._tls_stamp = stamp
+        old, self._session = self._session, None  # new connections use the new certificates
+        if old is not None:
+            await old.close()
+        log.info("TLS certificates reloaded")
+
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.settings.max_connections,
@@ -273,7 +303,16 @@ class _VaultHTTP:
             log.info("logged in to Vault (%s); token valid for %s", type(self.auth).__name__.strip("_"),
                      f"{token.lease:.0f}s" if token.lease else "ever")
             self._token = token
+            if current is not None and self.auth.can_login_again and current.remaining() > 0:
+                await self._revoke(current)
             return token
+
+    async def _revoke(self, token: _Token) -> None:
+        """Best effort: a token we stop using should not stay valid in Vault until its TTL runs out."""
+        try:
+            await self.call("POST", "auth/token/revoke-self", json={}, token=token.value)
+        except (VaultError, BackendUnavailable):
+            pass
 
     async def _renew(self, token: _Token) -> bool:
         try:
@@ -307,6 +346,8 @@ class _VaultHTTP:
         except VaultError as exc:
             if exc.status != 403:
                 raise
+        if await self._token_still_valid(token):
+            raise _DENIED from None  # the policy says no: logging in again would not change that
         if self.auth.can_login_again and self._token is token:
             self._token = None  # refused: do not renew it, log in again (once, however many requests saw it)
         token = await self._fresh_token()
@@ -314,9 +355,16 @@ class _VaultHTTP:
             return await self.call(method, path, json=json, token=token.value)
         except VaultError as exc:
             if exc.status == 403:
-                raise BackendUnavailable("Vault denied the request (permission denied): check kleidi's policy "
-                                         "(`kleidi policy vault`) and its auth role") from None
+                raise _DENIED from None
             raise
+
+    async def _token_still_valid(self, token: _Token) -> bool:
+        """After a 403: is the token itself fine (a policy denial) or expired/revoked?"""
+        try:
+            await self.call("GET", "auth/token/lookup-self", token=token.value)
+        except VaultError:
+            return False
+        return True
 
     async def close(self) -> None:
         if self._session is not None:
@@ -336,7 +384,7 @@ class VaultBackend(Backend):
         self.settings = settings
         self.client = _VaultHTTP(settings)
         self._mount, self._key = settings.transit_mount, settings.key
-        self._identity = f"{settings.namespace or ''}/{self._mount}/{self._key}"
+        self._identity = f"{(settings.namespace or '').strip('/')}/{self._mount}/{self._key}"
         self._key_set: KeySet | None = None
         self._aead = True
         self._created: dict[int, str] = {}  # every version seen: version -> creation time
@@ -352,6 +400,7 @@ class VaultBackend(Backend):
         return KeyVersion(derive_key_id(self.kind, self._identity, version, self._created[version]), version)
 
     async def load_keys(self, force: bool = False) -> KeySet:
+        await self.client.reload_tls_if_changed(force)
         try:
             data = (await self.client.authed("GET", f"{self._mount}/keys/{self._key}"))["data"]
         except VaultError as exc:
@@ -435,8 +484,9 @@ def policy(settings: VaultBackendSettings) -> str:
     """The least-privilege Vault policy for this configuration, in HCL."""
     mount, key = settings.transit_mount, settings.key
     where = f" in namespace {settings.namespace}" if settings.namespace else ""
+    flag = f" -namespace={settings.namespace}" if settings.namespace else ""
     return f'''# kleidi: minimal Vault/OpenBao policy for Transit key "{key}" on mount "{mount}"{where}.
-# Write it with: vault policy write kleidi <this file>
+# Write it with: vault policy write{flag} kleidi <this file>
 
 # Wrap and unwrap seeds (the KEK never leaves Vault).
 path "{mount}/encrypt/{key}" {{
@@ -456,6 +506,9 @@ path "auth/token/lookup-self" {{
   capabilities = ["read"]
 }}
 path "auth/token/renew-self" {{
+  capabilities = ["update"]
+}}
+path "auth/token/revoke-self" {{
   capabilities = ["update"]
 }}
 '''

@@ -90,7 +90,12 @@ class EnvelopeService:
         if dict(annotations) != ANNOTATIONS:
             raise InvalidRequest(f"annotations differ from the ones kleidi returned at Encrypt: "
                                  f"{_annotation_difference(annotations)}")
-        key = self._resolve(self._key_set(), key_id)
+        try:
+            key = self._resolve(self._key_set(), key_id)
+        except UnknownKey:
+            # Another control-plane node may have seen a rotation before this one: look again, once.
+            await self._keys.refresh_soon()
+            key = self._resolve(self._key_set(), key_id)
         if sealed.key_version != key.version:
             raise DecryptionFailed()
         aad = envelope.associated_data(sealed.header(), V2, key_id, annotations)

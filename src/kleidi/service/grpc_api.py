@@ -17,6 +17,7 @@ from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from kleidi.errors import (
     BackendUnavailable,
+    ConfigError,
     DecryptionFailed,
     InvalidRequest,
     KeyringError,
@@ -36,6 +37,7 @@ GRPC_CODES: dict[type[KleidiError], grpc.StatusCode] = {
     RetiredKey: grpc.StatusCode.FAILED_PRECONDITION,
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     KeyringError: grpc.StatusCode.UNAVAILABLE,
+    ConfigError: grpc.StatusCode.UNAVAILABLE,  # at run time: e.g. a credential file went missing
 }
 """The one table from kleidi errors to gRPC status codes; anything else is INTERNAL."""
 

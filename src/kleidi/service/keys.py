@@ -45,6 +45,8 @@ class KeyManager:
         self._wake = asyncio.Event()
         self._force = False
         self._probed_generation: object = object()
+        self._last_refresh = 0.0
+        self._refresh_lock = asyncio.Lock()
 
     @property
     def health(self) -> Health:
@@ -71,16 +73,26 @@ class KeyManager:
             self._refresh_error = reason
             return self.key_set
         previous, self.key_set = self.key_set, key_set
-        if self._refresh_error is not None and previous is not None:
+        self._last_refresh = time.monotonic()
+        recovered = self._refresh_error is not None and previous is not None
+        if recovered:
             log.info("keys loaded again from %s", self.backend.describe())
         self._refresh_error = None
         if previous is None or previous.current.key_id != key_set.current.key_id:
             log.info("current KEK: key_id %s (version %d)", key_set.current.key_id, key_set.current.version,
                      extra={"fields": {"key_id": key_set.current.key_id,
                                        "previous_key_id": previous.current.key_id if previous else None}})
-        if key_set.generation != self._probed_generation:
+        if key_set.generation != self._probed_generation or (recovered and self._probe_error is not None):
             await self.probe()
         return key_set
+
+    async def refresh_soon(self, min_age: float = 1.0) -> KeySet | None:
+        """Refresh now unless that happened within ``min_age`` seconds; concurrent callers share one
+        refresh. Used when a request names a key_id not seen yet: another node may have rotated first."""
+        async with self._refresh_lock:
+            if time.monotonic() - self._last_refresh >= min_age:
+                await self.refresh()
+        return self.key_set
 
     async def probe(self) -> None:
         key_set = self.key_set
