@@ -36,3 +36,12 @@ def backend(server: OpenBao, key: str, auth: dict[str, Any], *, tls: bool = Fals
         config["namespace"] = namespace
     config.update(extra)
     return config
+
+
+def approle_auth(admin: OpenBao | Namespace, key: str, workdir: Path, *, policies: list[str] | None = None,
+                 **approle_options: Any) -> dict[str, Any]:
+    """An AppRole role (by default with kleidi's own policy) and kleidi's auth section, its role_id
+    and secret_id in 0600 files."""
+    role_id, secret_id = admin.approle(unique("role"), policies or [kleidi_policy(admin, key)], **approle_options)
+    return {"method": "approle", "role_id_file": str(write_private(workdir / unique("role_id"), role_id)),
+            "secret_id_file": str(write_private(workdir / unique("secret_id"), secret_id))}

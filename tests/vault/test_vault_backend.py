@@ -225,11 +225,7 @@ def _run_load(proc: Any, seconds: float, threads: int = 4) -> tuple[Counter[str]
 
 def test_short_lived_tokens_expire_repeatedly_under_load_without_a_failed_call(
         openbao: OpenBao, transit_key: str, kleidi_factory: Any, short_dir: Path) -> None:
-    role = unique("short")
-    role_id, secret_id = openbao.approle(role, [kleidi_vault.kleidi_policy(openbao, transit_key)],
-                                         token_ttl="3s", token_max_ttl="3s")
-    auth = {"method": "approle", "role_id_file": str(write_private(short_dir / "rid", role_id)),
-            "secret_id_file": str(write_private(short_dir / "sid", secret_id))}
+    auth = kleidi_vault.approle_auth(openbao, transit_key, short_dir, token_ttl="3s", token_max_ttl="3s")
     proc = start_kleidi(kleidi_factory, kleidi_vault.backend(openbao, transit_key, auth))
     results, _ = _run_load(proc, 13)
     assert results["ok"] > 100
@@ -239,11 +235,7 @@ def test_short_lived_tokens_expire_repeatedly_under_load_without_a_failed_call(
 
 def test_renewable_tokens_are_renewed_before_expiry(openbao: OpenBao, transit_key: str, kleidi_factory: Any,
                                                     short_dir: Path) -> None:
-    role = unique("renew")
-    role_id, secret_id = openbao.approle(role, [kleidi_vault.kleidi_policy(openbao, transit_key)],
-                                         token_ttl="4s", token_max_ttl="10m")
-    auth = {"method": "approle", "role_id_file": str(write_private(short_dir / "rid", role_id)),
-            "secret_id_file": str(write_private(short_dir / "sid", secret_id))}
+    auth = kleidi_vault.approle_auth(openbao, transit_key, short_dir, token_ttl="4s", token_max_ttl="10m")
     proc = start_kleidi(kleidi_factory, kleidi_vault.backend(openbao, transit_key, auth))
     results, _ = _run_load(proc, 10, threads=2)
     assert set(results) == {"ok"}, results
@@ -444,9 +436,7 @@ path "transit/encrypt/{transit_key}" {{ capabilities = ["update"] }}
 path "transit/keys/{transit_key}" {{ capabilities = ["read"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
 """)
-    role_id, secret_id = openbao.approle(unique("denied"), [encrypt_only], token_ttl="1h")
-    auth = {"method": "approle", "role_id_file": str(write_private(short_dir / "rid", role_id)),
-            "secret_id_file": str(write_private(short_dir / "sid", secret_id))}
+    auth = kleidi_vault.approle_auth(openbao, transit_key, short_dir, policies=[encrypt_only], token_ttl="1h")
     proc = start_kleidi(kleidi_factory, kleidi_vault.backend(openbao, transit_key, auth, probe_interval="1h"),
                         start=False)
     proc.start(wait=False)
