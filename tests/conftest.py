@@ -48,6 +48,14 @@ def keygen(path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class KleidiProcess:
     """One ``kleidi serve`` subprocess with a config file, its log, and a stub to call it."""
 
@@ -60,8 +68,10 @@ class KleidiProcess:
         self.endpoint = f"unix://{self.socket_path}"
         self.config_path = workdir / f"{name}.yaml"
         self.log_path = workdir / f"{name}.log"
+        self.metrics_port = _free_port()
         config: dict[str, Any] = {
             "server": {"endpoint": self.endpoint, "shutdown_timeout": "10s"},
+            "telemetry": {"address": f"127.0.0.1:{self.metrics_port}"},
             "logging": {"level": "debug", "format": "json"},
             "backend": {"kind": "local", "keyring": str(self.keyring), "refresh_interval": "200ms",
                         "probe_interval": "1s"},

@@ -127,6 +127,45 @@ class LoggingSettings(_Settings):
     """json: one JSON object per line; console: for people; auto: console on a terminal, else json."""
 
 
+class TelemetrySettings(_Settings):
+    """Prometheus metrics and health endpoints (/metrics, /livez, /readyz) over plain HTTP."""
+
+    address: str | None = "127.0.0.1:9464"
+    """host:port to listen on; null turns the listener off. Loopback only unless
+    allow_non_loopback is true: metrics and health say nothing secret, but they need not leave the node."""
+
+    allow_non_loopback: bool = False
+    """Allow `address` to be a non-loopback address (e.g. for a scraper on another host)."""
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+            raise ValueError(f"expected host:port such as 127.0.0.1:9464, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _loopback_only(self) -> TelemetrySettings:
+        if self.address is not None and not self.allow_non_loopback:
+            host = self.address.rpartition(":")[0].strip("[]")
+            if host != "localhost" and not _is_loopback(host):
+                raise ValueError(f"{host} is not a loopback address; fix: use 127.0.0.1, or set "
+                                 "telemetry.allow_non_loopback: true to expose metrics and health beyond the node")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _BackendSettings(_Settings):
     kind: str
     """Backend type."""
@@ -330,6 +369,9 @@ class KleidiSettings(_Settings):
 
     logging: LoggingSettings = LoggingSettings()
     """Log output."""
+
+    telemetry: TelemetrySettings = TelemetrySettings()
+    """Prometheus metrics and health endpoints."""
 
     backend: BackendSettings = LocalBackendSettings()
     """Where the KEK lives. `kind` selects the backend; the other fields depend on it."""

@@ -10,7 +10,7 @@ import signal
 
 import grpc
 
-from kleidi import __version__, endpoint
+from kleidi import __version__, endpoint, telemetry
 from kleidi._proto.kmsv1beta1 import api_pb2_grpc as v1_grpc
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from kleidi.backends.base import Backend
@@ -82,6 +82,37 @@ class Server:
             raise
         return server
 
+    def _live(self) -> tuple[bool, str]:
+        """/livez: the gRPC server answers Status on its socket (Status never calls the backend, so a
+        backend outage does not make kleidi look dead and get it restarted)."""
+        from kleidi._proto.kmsv2 import api_pb2 as v2_pb
+        from kleidi.client import channel
+
+        try:
+            with channel(self.endpoint.url) as chan:
+                v2_grpc.KeyManagementServiceStub(chan).Status(v2_pb.StatusRequest(), timeout=2)
+        except grpc.RpcError as exc:
+            return False, f"gRPC server does not answer: {exc.code().name}"
+        return True, "ok"
+
+    def _ready(self) -> tuple[bool, str]:
+        """/readyz: the backend is usable now, as the background refresh and probe last saw it."""
+        health = self.keys.health
+        return health.ok, health.detail
+
+    def _start_health_server(self) -> telemetry.HealthServer | None:
+        address = self.settings.telemetry.address
+        if address is None:
+            return None
+        try:
+            health = telemetry.HealthServer(address, self._live, self._ready)
+        except OSError as exc:
+            raise ConfigError(f"telemetry.address: cannot listen on {address}: {exc.strerror}; fix: choose a free "
+                              "port, or set telemetry.address: null to turn metrics and health endpoints off") from None
+        health.start()
+        log.info("metrics and health on http://%s (/metrics, /livez, /readyz)", address)
+        return health
+
     async def run(self, install_signal_handlers: bool = True) -> None:
         # A keyring or config problem at start-up stops kleidi; a backend outage does not.
         await self.keys.refresh(fatal=(KeyringError, ConfigError))
@@ -89,6 +120,12 @@ class Server:
             log.warning("starting without keys: %s; Status reports unhealthy until the backend answers",
                         self.keys.health.detail)
         server = await self._start_grpc()
+        try:
+            health_server = self._start_health_server()
+        except ConfigError:
+            await server.stop(None)
+            endpoint.remove(self.endpoint, self._inode)
+            raise
         loop = asyncio.get_running_loop()
         if install_signal_handlers:
             loop.add_signal_handler(signal.SIGTERM, self.stop)
@@ -114,6 +151,8 @@ class Server:
                 loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.stop(0)))
             await server.stop(grace)
         finally:
+            if health_server is not None:
+                health_server.stop()
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 
+from kleidi import telemetry
 from kleidi._crypto.keyid import derive_key_id
 from kleidi.backends.base import Backend, KeySet, KeyVersion
 from kleidi.config import (
@@ -300,6 +301,8 @@ class _VaultHTTP:
                 raise BackendUnavailable(f"Vault login failed ({type(self.auth).__name__.strip('_')}): "
                                          f"{exc}") from None
             self.logins += 1
+            telemetry.VAULT_LOGINS.inc()
+            telemetry.VAULT_TOKEN_EXPIRY.set(time.time() + token.lease if token.lease else 0)
             log.info("logged in to Vault (%s); token valid for %s", type(self.auth).__name__.strip("_"),
                      f"{token.lease:.0f}s" if token.lease else "ever")
             self._token = token
@@ -326,6 +329,8 @@ class _VaultHTTP:
             return False
         token.lease, token.obtained = lease, time.monotonic()
         self.renewals += 1
+        telemetry.VAULT_RENEWALS.inc()
+        telemetry.VAULT_TOKEN_EXPIRY.set(time.time() + lease if lease else 0)
         log.info("Vault token renewed for %.0fs", lease)
         return True
 

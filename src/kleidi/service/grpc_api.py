@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from kleidi import __version__
+from kleidi import __version__, telemetry
 from kleidi._proto.kmsv1beta1 import api_pb2 as v1_pb
 from kleidi._proto.kmsv1beta1 import api_pb2_grpc as v1_grpc
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
@@ -54,21 +54,28 @@ async def _handled(context: grpc.aio.ServicerContext[Any, Any], method: str, uid
     """Log the call and turn kleidi errors into gRPC status codes with their reason."""
     started = time.perf_counter()
     fields: dict[str, Any] = {"method": method, "uid": uid}
+    code = "OK"
+    telemetry.IN_FLIGHT.inc()
     try:
         yield
     except KleidiError as exc:
-        code = grpc_code(exc)
-        fields.update(code=code.name, latency_ms=round((time.perf_counter() - started) * 1000, 3))
+        status = grpc_code(exc)
+        code = status.name
+        fields.update(code=code, latency_ms=round((time.perf_counter() - started) * 1000, 3))
         log.warning("%s failed: %s", method, exc, extra={"fields": fields})
-        await context.abort(code, str(exc))
+        await context.abort(status, str(exc))
     except Exception:
-        fields["code"] = "INTERNAL"
+        code = fields["code"] = "INTERNAL"
         log.exception("%s failed with an unexpected error", method, extra={"fields": fields})
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the kleidi log")
     else:
         if log.isEnabledFor(logging.DEBUG):
             fields.update(code="OK", latency_ms=round((time.perf_counter() - started) * 1000, 3))
             log.debug("%s ok", method, extra={"fields": fields})
+    finally:
+        telemetry.IN_FLIGHT.dec()
+        telemetry.REQUESTS.labels(method, code).inc()
+        telemetry.REQUEST_SECONDS.labels(method, code).observe(time.perf_counter() - started)
 
 
 class KMSv2Servicer(v2_grpc.KeyManagementServiceServicer):
@@ -78,6 +85,7 @@ class KMSv2Servicer(v2_grpc.KeyManagementServiceServicer):
         self._status_version = status_version
 
     async def Status(self, request: v2_pb.StatusRequest, context: Any) -> v2_pb.StatusResponse:
+        telemetry.REQUESTS.labels("Status", "OK").inc()
         health = self._keys.health
         key_set = self._keys.key_set
         key_id = key_set.current.key_id if key_set is not None else ""

@@ -10,6 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from kleidi import telemetry
 from kleidi.backends.base import Backend, KeySet
 from kleidi.errors import KleidiError
 
@@ -62,8 +63,9 @@ class KeyManager:
         """Re-read the key set; errors make Status unhealthy but keep the last good keys, except
         those in ``fatal`` (used at start-up), which propagate."""
         try:
-            async with asyncio.timeout(self.call_timeout):
-                key_set = await self.backend.load_keys(force=force)
+            with telemetry.backend_call(self.backend.kind, "load_keys"):
+                async with asyncio.timeout(self.call_timeout):
+                    key_set = await self.backend.load_keys(force=force)
         except fatal:
             raise
         except (KleidiError, TimeoutError) as exc:
@@ -71,6 +73,7 @@ class KeyManager:
             if reason != self._refresh_error:
                 log.error("cannot load keys from %s: %s", self.backend.describe(), reason)
             self._refresh_error = reason
+            self._publish()
             return self.key_set
         previous, self.key_set = self.key_set, key_set
         self._last_refresh = time.monotonic()
@@ -79,12 +82,19 @@ class KeyManager:
             log.info("keys loaded again from %s", self.backend.describe())
         self._refresh_error = None
         if previous is None or previous.current.key_id != key_set.current.key_id:
+            telemetry.set_current_key(key_set.current.key_id)
+            if previous is not None:
+                telemetry.ROTATIONS.inc()
             log.info("current KEK: key_id %s (version %d)", key_set.current.key_id, key_set.current.version,
                      extra={"fields": {"key_id": key_set.current.key_id,
                                        "previous_key_id": previous.current.key_id if previous else None}})
         if key_set.generation != self._probed_generation or (recovered and self._probe_error is not None):
             await self.probe()
+        self._publish()
         return key_set
+
+    def _publish(self) -> None:
+        telemetry.HEALTHY.set(1 if self.health.ok else 0)
 
     async def refresh_soon(self, min_age: float = 1.0) -> KeySet | None:
         """Refresh now unless that happened within ``min_age`` seconds; concurrent callers share one
@@ -100,9 +110,10 @@ class KeyManager:
             return
         sample = os.urandom(32)
         try:
-            async with asyncio.timeout(self.call_timeout):
-                payload = await self.backend.wrap(key_set.current, sample, _PROBE_AAD)
-                back = await self.backend.unwrap(key_set.current, payload, _PROBE_AAD)
+            with telemetry.backend_call(self.backend.kind, "probe"):
+                async with asyncio.timeout(self.call_timeout):
+                    payload = await self.backend.wrap(key_set.current, sample, _PROBE_AAD)
+                    back = await self.backend.unwrap(key_set.current, payload, _PROBE_AAD)
             if not hmac.compare_digest(back, sample):
                 raise KleidiError("round trip returned other bytes")
         except (KleidiError, TimeoutError) as exc:
@@ -111,11 +122,13 @@ class KeyManager:
             if reason != self._probe_error:
                 log.error("%s (%s)", reason, self.backend.describe())
             self._probe_error = reason
+            self._publish()
             return
         if self._probe_error is not None and self._probe_error != "not probed yet":
             log.info("health probe passes again (%s)", self.backend.describe())
         self._probe_error = None
         self._probed_generation = key_set.generation
+        self._publish()
 
     async def run(self) -> None:
         """Refresh and probe forever; cancel to stop."""
