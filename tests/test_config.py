@@ -243,7 +243,7 @@ def schema() -> dict[str, Any]:
 def test_schema_is_valid_json_schema(schema):
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert set(schema["properties"]) == {"server", "logging", "telemetry", "backend"}
+    assert set(schema["properties"]) == {"server", "logging", "telemetry", "audit", "backend"}
 
 
 def test_default_settings_validate_against_schema(schema):
@@ -310,6 +310,13 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
     "telemetry": {
         "address": "127.0.0.1:9464",
         "allow_non_loopback": False,
+    },
+    "audit": {
+        "path": None,
+        "hmac_key_file": None,
+        "fsync": "interval",
+        "max_bytes": 100 * 1024 * 1024,
+        "keep": 5,
     },
     "backend": {
         "kind": "local",

@@ -221,6 +221,26 @@ def version() -> None:
                f"{sys.version.split()[0]})")
 
 
+@main.group("audit")
+def audit_group() -> None:
+    """Work with the tamper-evident audit log."""
+
+
+@audit_group.command("verify")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The audit.hmac_key_file the log was written with (for a keyed chain).")
+@click.option("--allow-open", is_flag=True, help="Accept a log that does not end with a clean stop (kleidi running).")
+def audit_verify(files: tuple[Path, ...], hmac_key_file: Path | None, allow_open: bool) -> None:
+    """Check the hash chain of audit FILES (oldest first, e.g. audit.jsonl.2 audit.jsonl.1 audit.jsonl)."""
+    from kleidi import audit
+
+    result = audit.verify(list(files), audit.read_hmac_key(hmac_key_file), allow_open=allow_open)
+    click.echo(("ok: " if result.ok else "FAILED: ") + result.message, err=not result.ok)
+    if not result.ok:
+        sys.exit(EXIT_FAILED)
+
+
 @main.group()
 def policy() -> None:
     """Print the least-privilege policy a backend needs."""

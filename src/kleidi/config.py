@@ -127,6 +127,26 @@ class LoggingSettings(_Settings):
     """json: one JSON object per line; console: for people; auto: console on a terminal, else json."""
 
 
+class AuditSettings(_Settings):
+    """The tamper-evident audit log: one hash-chained JSON line per Encrypt, Decrypt and key event."""
+
+    path: Path | None = None
+    """File to append records to (mode 0600), e.g. /var/log/kleidi/audit.jsonl; null: no audit log."""
+
+    hmac_key_file: Path | None = None
+    """File holding a secret key (at least 16 bytes, mode 0600). With it the chain is keyed
+    (HMAC-SHA256): whoever can write the log but not read this key cannot forge a valid chain."""
+
+    fsync: Literal["always", "interval", "never"] = "interval"
+    """When records reach the disk: after every record, about once a second, or when the OS decides."""
+
+    max_bytes: int = Field(default=100 * 1024 * 1024, ge=4096)
+    """Size at which the file is rotated (audit.jsonl -> audit.jsonl.1 ...); the chain continues."""
+
+    keep: int = Field(default=5, ge=1, le=1000)
+    """Rotated files kept."""
+
+
 class TelemetrySettings(_Settings):
     """Prometheus metrics and health endpoints (/metrics, /livez, /readyz) over plain HTTP."""
 
@@ -372,6 +392,9 @@ class KleidiSettings(_Settings):
 
     telemetry: TelemetrySettings = TelemetrySettings()
     """Prometheus metrics and health endpoints."""
+
+    audit: AuditSettings = AuditSettings()
+    """The tamper-evident audit log."""
 
     backend: BackendSettings = LocalBackendSettings()
     """Where the KEK lives. `kind` selects the backend; the other fields depend on it."""

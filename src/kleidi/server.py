@@ -10,7 +10,7 @@ import signal
 
 import grpc
 
-from kleidi import __version__, endpoint, telemetry
+from kleidi import __version__, audit, endpoint, telemetry
 from kleidi._proto.kmsv1beta1 import api_pb2_grpc as v1_grpc
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from kleidi.backends.base import Backend
@@ -113,12 +113,32 @@ class Server:
         log.info("metrics and health on http://%s (/metrics, /livez, /readyz)", address)
         return health
 
+    def _open_audit(self) -> audit.AuditLog | None:
+        settings = self.settings.audit
+        if settings.path is None:
+            return None
+        try:
+            log_file = audit.AuditLog(settings.path, hmac_key=audit.read_hmac_key(settings.hmac_key_file),
+                                      fsync=settings.fsync, max_bytes=settings.max_bytes, keep=settings.keep)
+        except OSError as exc:
+            raise ConfigError(f"audit.path: cannot open {settings.path}: {exc.strerror}; fix: create the directory "
+                              "and let kleidi's user write it") from None
+        audit.activate(log_file)
+        return log_file
+
+    @staticmethod
+    async def _sync_audit(audit_log: audit.AuditLog) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(audit_log.sync)
+
     async def run(self, install_signal_handlers: bool = True) -> None:
         # A keyring or config problem at start-up stops kleidi; a backend outage does not.
         await self.keys.refresh(fatal=(KeyringError, ConfigError))
         if self.keys.key_set is None:
             log.warning("starting without keys: %s; Status reports unhealthy until the backend answers",
                         self.keys.health.detail)
+        audit_log = self._open_audit()
         server = await self._start_grpc()
         try:
             health_server = self._start_health_server()
@@ -126,6 +146,9 @@ class Server:
             await server.stop(None)
             endpoint.remove(self.endpoint, self._inode)
             raise
+        audit.emit("start", version=__version__, backend=self.backend.kind, endpoint=str(self.endpoint),
+                   key_id=self.keys.key_set.current.key_id if self.keys.key_set else None)
+        syncer = asyncio.create_task(self._sync_audit(audit_log)) if audit_log else None
         loop = asyncio.get_running_loop()
         if install_signal_handlers:
             loop.add_signal_handler(signal.SIGTERM, self.stop)
@@ -153,6 +176,11 @@ class Server:
         finally:
             if health_server is not None:
                 health_server.stop()
+            if syncer is not None:
+                syncer.cancel()
+            if audit_log is not None:
+                audit.activate(None)
+                audit_log.close()
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher

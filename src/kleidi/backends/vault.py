@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 
-from kleidi import telemetry
+from kleidi import audit, telemetry
 from kleidi._crypto.keyid import derive_key_id
 from kleidi.backends.base import Backend, KeySet, KeyVersion
 from kleidi.config import (
@@ -302,6 +302,8 @@ class _VaultHTTP:
                                          f"{exc}") from None
             self.logins += 1
             telemetry.VAULT_LOGINS.inc()
+            audit.emit("vault_login", method=type(self.auth).__name__.strip("_").removesuffix("Auth").lower(),
+                       ttl_s=token.lease)
             telemetry.VAULT_TOKEN_EXPIRY.set(time.time() + token.lease if token.lease else 0)
             log.info("logged in to Vault (%s); token valid for %s", type(self.auth).__name__.strip("_"),
                      f"{token.lease:.0f}s" if token.lease else "ever")
@@ -330,6 +332,7 @@ class _VaultHTTP:
         token.lease, token.obtained = lease, time.monotonic()
         self.renewals += 1
         telemetry.VAULT_RENEWALS.inc()
+        audit.emit("vault_renewal", ttl_s=lease)
         telemetry.VAULT_TOKEN_EXPIRY.set(time.time() + lease if lease else 0)
         log.info("Vault token renewed for %.0fs", lease)
         return True

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from kleidi import __version__, telemetry
+from kleidi import __version__, audit, telemetry
 from kleidi._proto.kmsv1beta1 import api_pb2 as v1_pb
 from kleidi._proto.kmsv1beta1 import api_pb2_grpc as v1_grpc
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
@@ -50,14 +50,17 @@ def grpc_code(exc: KleidiError) -> grpc.StatusCode:
 
 
 @asynccontextmanager
-async def _handled(context: grpc.aio.ServicerContext[Any, Any], method: str, uid: str) -> AsyncIterator[None]:
-    """Log the call and turn kleidi errors into gRPC status codes with their reason."""
+async def _handled(context: grpc.aio.ServicerContext[Any, Any], method: str, uid: str,
+                   key_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Log, count and audit the call; turn kleidi errors into gRPC status codes with their reason.
+    The handler may add ``key_id`` to the yielded dict (the audit record's key)."""
     started = time.perf_counter()
     fields: dict[str, Any] = {"method": method, "uid": uid}
+    audit_fields: dict[str, Any] = {"key_id": key_id}
     code = "OK"
     telemetry.IN_FLIGHT.inc()
     try:
-        yield
+        yield audit_fields
     except KleidiError as exc:
         status = grpc_code(exc)
         code = status.name
@@ -73,9 +76,12 @@ async def _handled(context: grpc.aio.ServicerContext[Any, Any], method: str, uid
             fields.update(code="OK", latency_ms=round((time.perf_counter() - started) * 1000, 3))
             log.debug("%s ok", method, extra={"fields": fields})
     finally:
+        elapsed = time.perf_counter() - started
         telemetry.IN_FLIGHT.dec()
         telemetry.REQUESTS.labels(method, code).inc()
-        telemetry.REQUEST_SECONDS.labels(method, code).observe(time.perf_counter() - started)
+        telemetry.REQUEST_SECONDS.labels(method, code).observe(elapsed)
+        audit.emit(method, uid=uid or None, key_id=audit_fields.get("key_id") or None, outcome=code,
+                   latency_ms=round(elapsed * 1000, 3))
 
 
 class KMSv2Servicer(v2_grpc.KeyManagementServiceServicer):
@@ -92,14 +98,15 @@ class KMSv2Servicer(v2_grpc.KeyManagementServiceServicer):
         return v2_pb.StatusResponse(version=self._status_version, healthz=health.detail, key_id=key_id)
 
     async def Encrypt(self, request: v2_pb.EncryptRequest, context: Any) -> v2_pb.EncryptResponse:
-        async with _handled(context, "Encrypt", request.uid):
+        async with _handled(context, "Encrypt", request.uid) as record:
             sealed = await self._service.encrypt(request.plaintext)
+            record["key_id"] = sealed.key_id
             return v2_pb.EncryptResponse(ciphertext=sealed.ciphertext, key_id=sealed.key_id,
                                          annotations=dict(sealed.annotations))
         raise AssertionError("unreachable: _handled aborts on error")
 
     async def Decrypt(self, request: v2_pb.DecryptRequest, context: Any) -> v2_pb.DecryptResponse:
-        async with _handled(context, "Decrypt", request.uid):
+        async with _handled(context, "Decrypt", request.uid, key_id=request.key_id[:1024]):
             plaintext = await self._service.decrypt(request.ciphertext, request.key_id, request.annotations)
             return v2_pb.DecryptResponse(plaintext=plaintext)
         raise AssertionError("unreachable: _handled aborts on error")

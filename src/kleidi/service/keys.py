@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from kleidi import telemetry
+from kleidi import audit, telemetry
 from kleidi.backends.base import Backend, KeySet
 from kleidi.errors import KleidiError
 
@@ -85,6 +85,10 @@ class KeyManager:
             telemetry.set_current_key(key_set.current.key_id)
             if previous is not None:
                 telemetry.ROTATIONS.inc()
+                audit.emit("key_rotation", key_id=key_set.current.key_id, previous_key_id=previous.current.key_id,
+                           backend=self.backend.kind)
+        for key_id in sorted(set(key_set.retired) - set(previous.retired if previous else key_set.retired)):
+            audit.emit("key_retired", key_id=key_id, backend=self.backend.kind)
             log.info("current KEK: key_id %s (version %d)", key_set.current.key_id, key_set.current.version,
                      extra={"fields": {"key_id": key_set.current.key_id,
                                        "previous_key_id": previous.current.key_id if previous else None}})
