@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -316,3 +317,13 @@ def test_socket_directory_writable_by_others_is_refused(short_dir: Path) -> None
         assert sticky.status().healthz == "ok"
     finally:
         assert sticky.stop() == 0
+
+
+def test_the_server_process_cannot_dump_core(kleidi_factory: Any) -> None:
+    """Core dumps would hold seeds and keys: kleidi sets RLIMIT_CORE to 0 and marks itself non-dumpable."""
+    proc = kleidi_factory()
+    limits = Path(f"/proc/{proc.proc.pid}/limits").read_text()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core
+    # The kernel's own answer to PR_GET_DUMPABLE, read back by kleidi after setting it.
+    assert "dumpable=0" in proc.log()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
+import resource
 import signal
 
 import grpc
@@ -23,6 +25,8 @@ from kleidi.service.keys import KeyManager
 
 log = logging.getLogger("kleidi.server")
 
+_PR_GET_DUMPABLE = 3
+_PR_SET_DUMPABLE = 4
 _MAX_MESSAGE = 256 * 1024  # the largest legal request (32 KiB annotations + 1 KiB ciphertext) fits many times
 
 
@@ -189,6 +193,22 @@ class Server:
             log.info("stopped")
 
 
+def harden_process() -> None:
+    """No core dumps (they would hold seeds and keys), and no ptrace or /proc/<pid>/mem access by
+    other processes of the same user: the process is marked non-dumpable."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            log.warning("could not mark the process non-dumpable (errno %d)", ctypes.get_errno())
+        dumpable = libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)  # read back what the kernel now holds
+    except (OSError, AttributeError):
+        log.warning("prctl is not available: the process stays dumpable")
+        return
+    log.info("process hardened: core dumps off (RLIMIT_CORE 0), dumpable=%d", dumpable)
+
+
 def serve(settings: KleidiSettings) -> None:
     """Build the server and run it until SIGTERM/SIGINT."""
+    harden_process()  # after logging is configured, so the result is logged
     asyncio.run(Server(settings).run())
