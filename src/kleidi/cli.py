@@ -221,6 +221,36 @@ def version() -> None:
                f"{sys.version.split()[0]})")
 
 
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="KLEIDI_CONFIG",
+              help="YAML config file (env KLEIDI_CONFIG).")
+@click.option("--encryption-config", type=click.Path(dir_okay=False, path_type=Path),
+              help="The apiserver's EncryptionConfiguration, to check that it points at this kleidi.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def doctor(config_file: Path | None, encryption_config: Path | None, as_json: bool) -> None:
+    """Preflight: config, file permissions, backend, round trip, clock, socket; exit 1 on any failure."""
+    import dataclasses
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from kleidi import doctor as checks_module
+
+    checks = checks_module.run(config_file, encryption_config)
+    failed = any(check.result == checks_module.FAIL for check in checks)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
+        sys.exit(EXIT_FAILED if failed else 0)
+    table = Table(title="kleidi doctor")
+    for column in ("check", "result", "detail", "fix"):
+        table.add_column(column, overflow="fold")
+    for check in checks:
+        table.add_row(check.name, check.result, check.detail, check.fix)
+    Console(width=max(120, Console().width)).print(table)
+    if failed:
+        sys.exit(EXIT_FAILED)
+
+
 @main.group("audit")
 def audit_group() -> None:
     """Work with the tamper-evident audit log."""

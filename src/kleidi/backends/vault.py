@@ -125,7 +125,7 @@ class _TokenFileAuth(_Authenticator):
     async def login(self, client: _VaultHTTP) -> _Token:
         stamp = self.stamp()
         value = _read_secret(self.settings.token_file, self.settings.token_env, "token")
-        data = (await client.call("GET", "auth/token/lookup-self", token=value))["data"]
+        data = _data(await client.call("GET", "auth/token/lookup-self", token=value), "ttl")
         return _Token(value=value, lease=float(data.get("ttl") or 0), renewable=bool(data.get("renewable")),
                       obtained=time.monotonic(), source_stamp=stamp)
 
@@ -379,6 +379,14 @@ class _VaultHTTP:
             await self._session.close()
 
 
+def _data(body: dict[str, Any], field: str) -> dict[str, Any]:
+    """``body["data"]``, checked: whatever answers at the address may not be Vault."""
+    data = body.get("data")
+    if not isinstance(data, dict) or field not in data:
+        raise BackendUnavailable(f"unexpected answer from Vault (no data.{field}): is backend.address a Vault server?")
+    return data
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -410,7 +418,7 @@ class VaultBackend(Backend):
     async def load_keys(self, force: bool = False) -> KeySet:
         await self.client.reload_tls_if_changed(force)
         try:
-            data = (await self.client.authed("GET", f"{self._mount}/keys/{self._key}"))["data"]
+            data = _data(await self.client.authed("GET", f"{self._mount}/keys/{self._key}"), "latest_version")
         except VaultError as exc:
             if exc.status == 404:
                 raise BackendUnavailable(f"Transit key {self._mount}/{self._key} does not exist; fix: create it "
@@ -456,7 +464,7 @@ class VaultBackend(Backend):
         if self._aead:
             body["associated_data"] = _b64(aad)
         try:
-            data = (await self.client.authed("POST", f"{self._mount}/encrypt/{self._key}", body))["data"]
+            data = _data(await self.client.authed("POST", f"{self._mount}/encrypt/{self._key}", body), "ciphertext")
         except VaultError as exc:
             raise BackendUnavailable(f"Transit encrypt failed: {exc}") from None
         ciphertext = str(data["ciphertext"])
@@ -471,7 +479,7 @@ class VaultBackend(Backend):
         if self._aead:
             body["associated_data"] = _b64(aad)
         try:
-            data = (await self.client.authed("POST", f"{self._mount}/decrypt/{self._key}", body))["data"]
+            data = _data(await self.client.authed("POST", f"{self._mount}/decrypt/{self._key}", body), "plaintext")
         except VaultError as exc:
             text = " ".join(exc.errors).lower()
             if exc.status == 400 and "disallowed by policy" in text:

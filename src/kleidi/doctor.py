@@ -1,0 +1,191 @@
+"""``kleidi doctor``: a preflight of the configuration, files, backend and socket, with the fix for each failure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kleidi.config import KleidiSettings, load_settings
+from kleidi.endpoint import parse_endpoint
+from kleidi.errors import KleidiError
+
+PASS, FAIL, SKIP = "pass", "FAIL", "skip"
+
+
+@dataclass
+class Check:
+    name: str
+    result: str
+    detail: str
+    fix: str = ""
+
+
+def _config(config_file: Path | None) -> tuple[KleidiSettings | None, Check]:
+    try:
+        settings = load_settings(config_file)
+    except KleidiError as exc:
+        return None, Check("config", FAIL, str(exc).splitlines()[0], "\n".join(str(exc).splitlines()[1:]).strip())
+    return settings, Check("config", PASS, f"{config_file or 'defaults and environment'} is valid")
+
+
+def _files(settings: KleidiSettings) -> list[Check]:
+    checks = []
+    backend = settings.backend
+    if backend.kind == "local":
+        from kleidi.backends.local import check_file_safety
+
+        try:
+            check_file_safety(backend.keyring)
+            checks.append(Check("keyring file", PASS, f"{backend.keyring}: regular file, mode 0600 or stricter, ours"))
+        except KleidiError as exc:
+            message = str(exc)
+            checks.append(Check("keyring file", FAIL, message.split("; fix:")[0],
+                                message.split("; fix:")[1].strip() if "; fix:" in message else ""))
+    else:
+        for label, path in (("token file", getattr(backend.auth, "token_file", None)),
+                            ("secret_id file", getattr(backend.auth, "secret_id_file", None)),
+                            ("client key file", backend.tls.client_key_file or backend.tls.client_cert_file)):
+            if path is None:
+                continue
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except OSError as exc:
+                checks.append(Check(label, FAIL, f"{path}: {exc.strerror}", "create the file or fix the path"))
+                continue
+            if mode & 0o077:
+                checks.append(Check(label, FAIL, f"{path} has mode {mode:04o}, readable by others",
+                                    f"chmod 600 {path}"))
+            else:
+                checks.append(Check(label, PASS, f"{path}: mode {mode:04o}"))
+    return checks
+
+
+async def _backend(settings: KleidiSettings) -> list[Check]:
+    from kleidi.registry import create_backend
+
+    try:
+        backend = create_backend(settings.backend)
+    except KleidiError as exc:
+        return [Check("backend", FAIL, str(exc))]
+    checks: list[Check] = [await _clock_skew(settings)] if settings.backend.kind == "vault" else []
+    try:
+        try:
+            async with asyncio.timeout(settings.backend.timeout + 5):
+                keys = await backend.load_keys()
+        except (KleidiError, TimeoutError) as exc:
+            return [*checks, Check("backend reachable", FAIL, str(exc) or "no answer in time",
+                                   "check the backend's address, credentials and policy (docs/backends/)")]
+        checks.append(Check("backend reachable", PASS, f"{backend.describe()}: current key_id {keys.current.key_id}"))
+        seed = os.urandom(32)
+        try:
+            async with asyncio.timeout(settings.backend.timeout + 5):
+                ok = await backend.unwrap(keys.current, await backend.wrap(keys.current, seed, b"doctor"), b"doctor")
+            checks.append(Check("encrypt/decrypt round trip", PASS if ok == seed else FAIL,
+                                "the KEK wraps and unwraps" if ok == seed else "the round trip returned other bytes"))
+        except (KleidiError, TimeoutError) as exc:
+            checks.append(Check("encrypt/decrypt round trip", FAIL, str(exc) or "no answer in time",
+                                "check the policy: encrypt and decrypt on the key (kleidi policy vault)"))
+    finally:
+        await backend.close()
+    return checks
+
+
+async def _clock_skew(settings: Any, limit: float = 30.0) -> Check:
+    """JWT auth and TLS both need the clocks to agree: compare Vault's Date header with ours."""
+    import aiohttp
+
+    from kleidi.backends.vault import _ssl_context
+
+    backend = settings.backend
+    ssl_context = _ssl_context(backend) if backend.address.startswith("https:") else None
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=backend.timeout + 3)) as session, \
+                session.get(f"{backend.address}/v1/sys/health", ssl=ssl_context if ssl_context else True,
+                            server_hostname=backend.tls.server_name) as response:
+            date = response.headers.get("Date")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Check("clock skew", FAIL, f"cannot reach {backend.address}: {type(exc).__name__}")
+    if not date:
+        return Check("clock skew", SKIP, "the server sent no Date header")
+    skew = parsedate_to_datetime(date).timestamp() - time.time()
+    if abs(skew) > limit:
+        return Check("clock skew", FAIL, f"this node's clock is {-skew:+.0f}s off the backend's",
+                     "synchronise the clocks (chrony/NTP): JWT and TLS checks fail beyond a small skew")
+    return Check("clock skew", PASS, f"{abs(skew):.0f}s (limit {limit:.0f}s)")
+
+
+def _socket(settings: KleidiSettings, expected_key_id: str | None) -> list[Check]:
+    from kleidi.client import check_status
+
+    endpoint = parse_endpoint(settings.server.endpoint)
+    checks = []
+    if endpoint.path is not None:
+        try:
+            st = os.lstat(endpoint.path)
+        except FileNotFoundError:
+            return [Check("socket", FAIL, f"{endpoint.path} does not exist: kleidi is not running",
+                          "start kleidi (kleidi serve --config ...)")]
+        if not stat.S_ISSOCK(st.st_mode):
+            return [Check("socket", FAIL, f"{endpoint.path} is not a socket", "remove it; kleidi creates the socket")]
+        mode = stat.S_IMODE(st.st_mode)
+        if mode != settings.server.socket_mode:
+            checks.append(Check("socket permissions", FAIL, f"{endpoint.path} has mode {mode:04o}, the config says "
+                                f"{settings.server.socket_mode:04o}", "restart kleidi with this config"))
+        elif mode & 0o007:
+            checks.append(Check("socket permissions", FAIL, f"mode {mode:04o} lets every user call Decrypt",
+                                "set server.socket_mode to 0600 (or 0660 with socket_group)"))
+        else:
+            checks.append(Check("socket permissions", PASS, f"{endpoint.path}: mode {mode:04o}"))
+    status = check_status(settings.server.endpoint, 3.0)
+    if status.error is not None:
+        checks.append(Check("kleidi answers", FAIL, status.error, "start kleidi, or check server.endpoint"))
+    elif status.problems:
+        checks.append(Check("kleidi answers", FAIL, "; ".join(status.problems), "see kleidi's log"))
+    elif expected_key_id is not None and status.key_id != expected_key_id:
+        checks.append(Check("kleidi answers", FAIL, f"the running kleidi reports key_id {status.key_id}, the backend's "
+                            f"current one is {expected_key_id}", "it has not refreshed yet, or uses another config"))
+    else:
+        checks.append(Check("kleidi answers", PASS, f"healthz ok, key_id {status.key_id}"))
+    return checks
+
+
+def _encryption_config(settings: KleidiSettings, path: Path) -> Check:
+    try:
+        doc = yaml.safe_load(path.read_text())
+        providers = [p["kms"] for r in doc["resources"] for p in r["providers"] if "kms" in p]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        return Check("EncryptionConfiguration", FAIL, f"cannot read {path}: {type(exc).__name__}: {exc}",
+                     "generate it with kleidi encryption-config")
+    mine = [p for p in providers if p.get("endpoint") == settings.server.endpoint]
+    if not mine:
+        found = ", ".join(str(p.get("endpoint")) for p in providers) or "no kms provider"
+        return Check("EncryptionConfiguration", FAIL, f"{path} points at {found}, not at {settings.server.endpoint}",
+                     "use the same endpoint in both (kleidi encryption-config --endpoint ...)")
+    if any(p.get("apiVersion") != "v2" for p in mine):
+        return Check("EncryptionConfiguration", FAIL, "the kms provider for kleidi is not apiVersion: v2",
+                     "set apiVersion: v2 (the default is v1)")
+    return Check("EncryptionConfiguration", PASS, f"{path}: kms v2 provider {mine[0].get('name')!r} uses this socket")
+
+
+def run(config_file: Path | None, encryption_config: Path | None) -> list[Check]:
+    settings, check = _config(config_file)
+    checks = [check]
+    if settings is None:
+        return checks
+    checks += _files(settings)
+    backend_checks = asyncio.run(_backend(settings))
+    checks += backend_checks
+    key_id = next((c.detail.rsplit("key_id ", 1)[1] for c in backend_checks
+                   if c.name == "backend reachable" and c.result == PASS), None)
+    checks += _socket(settings, key_id)
+    if encryption_config is not None:
+        checks.append(_encryption_config(settings, encryption_config))
+    return checks
