@@ -86,15 +86,15 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), help="logging.format")
 def serve(config_file: Path | None, keyring: Path | None, endpoint: str | None, create_keyring: bool | None,
           enable_v1beta1: bool | None, log_level: str | None, log_format: str | None) -> None:
-    """Serve KMS v2 to kube-apiserver until SIGTERM or SIGINT (SIGHUP re-reads keys)."""
+    """Serve KMS v2 to kube-apiserver until SIGTERM or SIGINT (SIGHUP reloads the config and keys)."""
     from kleidi import logs, server
 
-    settings = _settings(config_file, **{
-        "server.endpoint": endpoint, "server.enable_v1beta1": enable_v1beta1,
-        "backend.keyring": keyring, "backend.create_if_missing": create_keyring,
-        "logging.level": log_level, "logging.format": log_format})
+    overrides = {"server.endpoint": endpoint, "server.enable_v1beta1": enable_v1beta1,
+                 "backend.keyring": keyring, "backend.create_if_missing": create_keyring,
+                 "logging.level": log_level, "logging.format": log_format}
+    settings = _settings(config_file, **overrides)
     logs.configure(settings.logging.level, settings.logging.format)
-    server.serve(settings)
+    server.serve(settings, reload_settings=lambda: _settings(config_file, **overrides))
 
 
 @main.command()

@@ -9,15 +9,17 @@ import logging
 import os
 import resource
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
-from kleidi import __version__, audit, endpoint, telemetry
+from kleidi import __version__, audit, endpoint, logs, telemetry
 from kleidi._proto.kmsv1beta1 import api_pb2_grpc as v1_grpc
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from kleidi.backends.base import Backend
 from kleidi.config import KleidiSettings
-from kleidi.errors import ConfigError, KeyringError
+from kleidi.errors import ConfigError, KeyringError, KleidiError
 from kleidi.registry import create_backend
 from kleidi.service.core import EnvelopeService
 from kleidi.service.grpc_api import KMSv1beta1Servicer, KMSv2Servicer
@@ -33,8 +35,10 @@ _MAX_MESSAGE = 256 * 1024  # the largest legal request (32 KiB annotations + 1 K
 class Server:
     """One kleidi instance: backend, key state, gRPC server. ``run()`` serves until ``stop()``."""
 
-    def __init__(self, settings: KleidiSettings, backend: Backend | None = None) -> None:
+    def __init__(self, settings: KleidiSettings, backend: Backend | None = None,
+                 reload_settings: Callable[[], KleidiSettings] | None = None) -> None:
         self.settings = settings
+        self._reload_settings = reload_settings
         self.endpoint = endpoint.parse_endpoint(settings.server.endpoint)
         self.backend = backend if backend is not None else create_backend(settings.backend)
         b = settings.backend
@@ -46,8 +50,65 @@ class Server:
         self._stop.set()
 
     def reload(self) -> None:
-        log.info("SIGHUP: re-reading keys")
+        """SIGHUP: re-read the configuration (if kleidi has a file to re-read) and the keys."""
+        self._reload_task = asyncio.ensure_future(self.reload_config())
+
+    async def reload_config(self) -> bool:
+        """Apply a new configuration without dropping calls; refuse it, keeping the running one, if it
+        is invalid or its backend does not work. Returns whether it was applied."""
         self.keys.trigger()
+        if self._reload_settings is None:
+            log.info("SIGHUP: re-reading keys")
+            return False
+        try:
+            new = self._reload_settings()
+        except KleidiError as exc:
+            log.error("config reload refused; the running configuration stays in force: %s", exc)
+            audit.emit("config_reload", outcome="refused")
+            return False
+        if new == self.settings:
+            log.info("SIGHUP: configuration unchanged; re-reading keys")
+            return True
+        # These are bound at start-up (socket, listener, open file): a change needs a restart.
+        fixed = [name for name in ("server", "telemetry", "audit")
+                 if getattr(new, name) != getattr(self.settings, name)]
+        if new.backend != self.settings.backend:
+            try:
+                backend, key_set = await self._tried_backend(new)
+            except (KleidiError, TimeoutError) as exc:
+                log.error("config reload refused: the new backend does not work (%s); the running configuration "
+                          "stays in force", exc or "no answer in time")
+                audit.emit("config_reload", outcome="refused")
+                return False
+            old, self.backend = self.backend, backend
+            b = new.backend
+            self.keys.swap_backend(backend, key_set, b.refresh_interval, b.probe_interval, b.timeout)
+            # Calls already inside the old backend finish with it; close it once they cannot be running.
+            asyncio.get_running_loop().call_later(self.settings.server.shutdown_timeout + b.timeout,
+                                                  lambda: asyncio.ensure_future(old.close()))
+        if new.logging != self.settings.logging:
+            logs.configure(new.logging.level, new.logging.format)
+        if fixed:
+            log.warning("config reload: changes to %s take effect only after a restart", ", ".join(fixed))
+        self.settings = new.model_copy(update={name: getattr(self.settings, name) for name in fixed})
+        log.info("configuration reloaded (%s)", self.backend.describe())
+        audit.emit("config_reload", outcome="applied", backend=self.backend.kind)
+        return True
+
+    async def _tried_backend(self, settings: KleidiSettings) -> tuple[Backend, Any]:
+        backend = create_backend(settings.backend)
+        try:
+            async with asyncio.timeout(settings.backend.timeout * 3):
+                key_set = await backend.load_keys()
+                seed = os.urandom(32)
+                back = await backend.unwrap(key_set.current, await backend.wrap(key_set.current, seed, b"reload"),
+                                            b"reload")
+            if back != seed:
+                raise KleidiError("the new backend's round trip returned other bytes")
+        except BaseException:
+            await backend.close()
+            raise
+        return backend, key_set
 
     async def _start_grpc(self) -> grpc.aio.Server:
         server = grpc.aio.server(options=[
@@ -208,7 +269,7 @@ def harden_process() -> None:
     log.info("process hardened: core dumps off (RLIMIT_CORE 0), dumpable=%d", dumpable)
 
 
-def serve(settings: KleidiSettings) -> None:
-    """Build the server and run it until SIGTERM/SIGINT."""
+def serve(settings: KleidiSettings, reload_settings: Callable[[], KleidiSettings] | None = None) -> None:
+    """Build the server and run it until SIGTERM/SIGINT; SIGHUP reloads through ``reload_settings``."""
     harden_process()  # after logging is configured, so the result is logged
-    asyncio.run(Server(settings).run())
+    asyncio.run(Server(settings, reload_settings=reload_settings).run())

@@ -42,7 +42,7 @@ def main() -> None:
     delay = float(os.environ.get("SLOW_SERVER_UNWRAP_DELAY", "1.5"))
     marker = config_path.with_name(config_path.name + ".unwrapping")
     backend = SlowBackend(settings.backend, marker, delay)
-    asyncio.run(Server(settings, backend=backend).run())
+    asyncio.run(Server(settings, backend=backend, reload_settings=lambda: load_settings(config_path)).run())
 
 
 if __name__ == "__main__":

@@ -54,6 +54,17 @@ class KeyManager:
         problem = self._refresh_error or self._probe_error
         return Health(ok=problem is None, detail=problem or "ok")
 
+    def swap_backend(self, backend: Backend, key_set: KeySet, refresh_interval: float, probe_interval: float,
+                     call_timeout: float) -> None:
+        """Serve from another, already checked backend from now on (configuration reload)."""
+        self.backend, self.key_set = backend, key_set
+        self.refresh_interval, self.probe_interval, self.call_timeout = refresh_interval, probe_interval, call_timeout
+        self._refresh_error = self._probe_error = None
+        self._probed_generation = key_set.generation
+        telemetry.set_current_key(key_set.current.key_id)
+        self._publish()
+        self.trigger()
+
     def trigger(self) -> None:
         """Re-read the keys now, even if the backend reports no change (SIGHUP)."""
         self._force = True

@@ -1,0 +1,109 @@
+"""SIGHUP reloads the configuration: a good one is applied without dropping calls, a bad one is refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import HELPERS, KleidiProcess, keygen
+
+
+def rewrite(proc: KleidiProcess, **sections: dict[str, Any]) -> None:
+    config = yaml.safe_load(proc.config_path.read_text())
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    proc.config_path.write_text(yaml.safe_dump(config))
+
+
+def wait_log(proc: KleidiProcess, text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in proc.log():
+        assert time.monotonic() < deadline, f"{text!r} not logged"
+        time.sleep(0.05)
+
+
+def test_a_new_keyring_is_applied(kleidi_factory: Any, short_dir: Path) -> None:
+    proc: KleidiProcess = kleidi_factory()
+    before = proc.status().key_id
+    other = short_dir / "other-keyring.json"
+    keygen(other)
+    rewrite(proc, backend={"keyring": str(other)}, logging={"level": "info"})
+    proc.send_signal(signal.SIGHUP)
+    proc.wait_for_key_id(lambda k: k != before)
+    wait_log(proc, "configuration reloaded")
+    sealed = proc.encrypt(b"n" * 32, uid="after-reload")
+    assert proc.decrypt(sealed.ciphertext, sealed.key_id, sealed.annotations) == b"n" * 32
+    assert "after-reload" not in proc.log()  # the new log level (info) is in force: no request lines
+
+
+def test_an_invalid_config_is_refused_and_the_old_one_stays(kleidi_factory: Any) -> None:
+    proc: KleidiProcess = kleidi_factory()
+    before = proc.status().key_id
+    proc.config_path.write_text("server: [this is not valid\n")
+    proc.send_signal(signal.SIGHUP)
+    wait_log(proc, "config reload refused")
+    assert proc.status().key_id == before and proc.status().healthz == "ok"
+    rewrite_target = proc.config_path
+    rewrite_target.write_text(yaml.safe_dump({**proc.config, "backend": {**proc.config["backend"], "kind": "nope"}}))
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while proc.log().count("config reload refused") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert proc.status().healthz == "ok"
+    sealed = proc.encrypt(b"o" * 32)
+    assert sealed.key_id == before
+
+
+def test_a_new_backend_that_does_not_work_is_refused(kleidi_factory: Any, short_dir: Path) -> None:
+    proc: KleidiProcess = kleidi_factory()
+    before = proc.status().key_id
+    rewrite(proc, backend={"keyring": str(short_dir / "missing.json")})
+    proc.send_signal(signal.SIGHUP)
+    wait_log(proc, "the new backend does not work")
+    assert proc.status().key_id == before and proc.status().healthz == "ok"
+
+
+def test_settings_bound_at_start_up_need_a_restart(kleidi_factory: Any) -> None:
+    proc: KleidiProcess = kleidi_factory()
+    rewrite(proc, server={"shutdown_timeout": "3s"})
+    proc.send_signal(signal.SIGHUP)
+    wait_log(proc, "changes to server take effect only after a restart")
+    assert proc.status().healthz == "ok"
+
+
+def test_a_call_in_flight_survives_a_backend_swap(short_dir: Path, kleidi_factory: Any) -> None:
+    """The slow helper server is real kleidi with a backend that sleeps in unwrap; the reload swaps
+    in the plain local backend while a Decrypt is still inside the old one."""
+    proc = KleidiProcess(short_dir, "slow", command=None)
+    keygen(proc.keyring)
+    proc.command = [sys.executable, str(HELPERS / "slow_server.py"), str(proc.config_path)]
+    os.environ["SLOW_SERVER_UNWRAP_DELAY"] = "1.2"  # under backend.timeout (2 s)
+    try:
+        proc.start()
+    finally:
+        del os.environ["SLOW_SERVER_UNWRAP_DELAY"]
+    try:
+        seed = os.urandom(32)
+        sealed = proc.encrypt(seed)
+        from kleidi._proto.kmsv2 import api_pb2 as pb
+        future = proc.stub.Decrypt.future(pb.DecryptRequest(ciphertext=sealed.ciphertext, key_id=sealed.key_id,
+                                                            annotations=sealed.annotations, uid="in-flight"),
+                                          timeout=20)
+        marker = proc.config_path.with_name(proc.config_path.name + ".unwrapping")
+        deadline = time.monotonic() + 10
+        while not marker.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        rewrite(proc, backend={"probe_interval": "2s"})  # a backend change: a new backend is built
+        proc.send_signal(signal.SIGHUP)
+        wait_log(proc, "configuration reloaded")
+        assert future.result().plaintext == seed
+    finally:
+        assert proc.stop() == 0
