@@ -34,6 +34,18 @@ def run_kleidi(*args: str, env: dict[str, str] | None = None, input: str | None 
                           timeout=timeout, check=False)
 
 
+def wait_for(predicate: Any, timeout: float = 10, what: str = "condition", interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy and return its value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A short directory: unix socket paths must stay under 108 bytes."""

@@ -22,7 +22,7 @@ import yaml
 
 import kleidi
 from kleidi.backends import local
-from tests.conftest import KLEIDI, keygen, run_kleidi
+from tests.conftest import KLEIDI, keygen, run_kleidi, wait_for
 
 SEED = bytes(range(32))
 
@@ -51,13 +51,6 @@ def _rotate(keyring: Path) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 # -- keygen ---------------------------------------------------------------------------------------
@@ -299,7 +292,7 @@ def test_status_of_an_unhealthy_server_and_recovery(kleidi_factory):
 
     k.keyring.write_text("{ this is not a keyring\n")  # in place: the mode stays 0600
     assert stat.S_IMODE(os.stat(k.keyring).st_mode) == 0o600
-    _wait_for(lambda: k.status().healthz != "ok", 10, "Status turning unhealthy")
+    wait_for(lambda: k.status().healthz != "ok", 10, "Status turning unhealthy")
     response = k.status()
     assert "malformed" in response.healthz
     assert response.key_id == healthy_key_id  # the last good keys stay in use
@@ -311,7 +304,7 @@ def test_status_of_an_unhealthy_server_and_recovery(kleidi_factory):
     assert k.decrypt(sealed.ciphertext, sealed.key_id, sealed.annotations) == SEED
 
     k.keyring.write_bytes(original)
-    _wait_for(lambda: k.status().healthz == "ok", 10, "Status recovering")
+    wait_for(lambda: k.status().healthz == "ok", 10, "Status recovering")
     assert run_kleidi("status", "--endpoint", k.endpoint).returncode == 0
     assert k.status().key_id == healthy_key_id
     assert k.decrypt(sealed.ciphertext, sealed.key_id, sealed.annotations) == SEED

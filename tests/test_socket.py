@@ -21,7 +21,7 @@ import grpc
 
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
-from tests.conftest import HELPERS, KleidiProcess, keygen, run_kleidi
+from tests.conftest import HELPERS, KleidiProcess, keygen, run_kleidi, wait_for
 
 SEED = bytes(range(32))
 
@@ -33,13 +33,6 @@ def _serve_once(keyring: Path, socket_path: Path | str) -> tuple[int, str]:
     return result.returncode, result.stderr
 
 
-def _wait_for(predicate, timeout: float = 10, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 # -- permissions ----------------------------------------------------------------------------------
@@ -213,7 +206,7 @@ def test_abstract_socket(kleidi_factory):
             except grpc.RpcError:
                 return False
 
-        _wait_for(healthy, 20, "Status ok on the abstract socket")
+        wait_for(healthy, 20, "Status ok on the abstract socket")
         response = stub.Status(request, timeout=3)
         assert response.version == "v2"
         assert response.key_id.startswith("kleidi:local:v1:")
@@ -259,7 +252,7 @@ def test_sigterm_lets_an_in_flight_call_finish(short_dir, monkeypatch):
         request = v2_pb.DecryptRequest(ciphertext=encrypted.ciphertext, key_id=encrypted.key_id,
                                        annotations=dict(encrypted.annotations), uid="in-flight")
         future = k.stub.Decrypt.future(request, timeout=15)
-        _wait_for(marker.exists, 10, "the Decrypt call reaching the backend")
+        wait_for(marker.exists, 10, "the Decrypt call reaching the backend")
         time.sleep(0.3)
         assert not future.done()
         k.send_signal(signal.SIGTERM)

@@ -12,13 +12,13 @@ import json
 import os
 import secrets as pysecrets
 import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from kleidi._crypto import kmsv2_storage as storage
+from tests.conftest import wait_for as shared_wait_for
 from tests.e2e.cluster import TOKEN, KubeAPIServer
 from tests.e2e.conftest import PROVIDER, ControlPlane
 
@@ -26,14 +26,7 @@ PREFIX = f"k8s:enc:kms:v2:{PROVIDER}:".encode()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    return shared_wait_for(predicate, timeout, what, interval)
 
 
 def create_secrets(api: KubeAPIServer, names: list[str], namespace: str = "default",

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from kleidi._proto.kmsv2 import api_pb2 as pb
-from tests.conftest import run_kleidi
+from tests.conftest import run_kleidi, wait_for
 from tests.e2e.cluster import TOKEN, Etcd, KubeAPIServer, kube_apiserver_binary
 
 from . import kleidi_vault
@@ -41,10 +41,7 @@ def round_trip(proc: Any) -> str:
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    wait_for(predicate, timeout, what, interval=0.1)
 
 
 def healthz(proc: Any) -> str:
