@@ -97,6 +97,7 @@ class KleidiProcess:
         self.command = command or [KLEIDI, "serve", "--config", str(self.config_path)]
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
+        self.plaintexts_sent: list[bytes] = []
 
     def start(self, wait: bool = True) -> KleidiProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KLEIDI_")}
@@ -135,6 +136,7 @@ class KleidiProcess:
         return self.stub.Status(v2_pb.StatusRequest(), timeout=timeout)
 
     def encrypt(self, plaintext: bytes, uid: str = "test-uid") -> v2_pb.EncryptResponse:
+        self.plaintexts_sent.append(plaintext)
         return self.stub.Encrypt(v2_pb.EncryptRequest(plaintext=plaintext, uid=uid), timeout=3)
 
     def decrypt(self, ciphertext: bytes, key_id: str, annotations: Any, uid: str = "test-uid") -> bytes:
@@ -187,3 +189,20 @@ def kleidi_factory(short_dir: Path) -> Iterator[Any]:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.proc.kill()
             proc.proc.wait()
+    assert_no_secret_written(short_dir, [p for proc in started for p in proc.plaintexts_sent])
+
+
+def assert_no_secret_written(directory: Path, plaintexts: list[bytes]) -> None:
+    """No seed a test sent may appear, in any usual encoding, in any log or audit file it produced."""
+    import base64
+
+    seeds = [s for s in plaintexts if len(s) >= 16 and len(set(s)) > 4]  # short or repetitive values match by chance
+    if not seeds:
+        return
+    files = [p for p in directory.rglob("*") if p.is_file() and (p.suffix in (".log", ".jsonl") or ".jsonl." in p.name)]
+    for path in files:
+        text = path.read_bytes()
+        for seed in seeds:
+            for form in (seed, seed.hex().encode(), seed.hex().upper().encode(), base64.b64encode(seed),
+                         base64.urlsafe_b64encode(seed)):
+                assert form not in text, f"a seed reached {path}"

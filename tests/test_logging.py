@@ -54,3 +54,14 @@ def test_info_level_logs_no_request_lines(kleidi_factory: Any) -> None:
     proc.stop()
     assert not [r for r in _records(proc) if r.get("uid") == "quiet-uid"]
     assert any("serving KMS v2" in r["msg"] for r in _records(proc))
+
+
+def test_the_suite_wide_secret_scan_does_catch_a_leak(tmp_path: Any) -> None:
+    """Every kleidi_factory test ends with assert_no_secret_written; make sure it can fail."""
+    from tests.conftest import assert_no_secret_written
+
+    seed = os.urandom(32)
+    (tmp_path / "audit.jsonl").write_text(json.dumps({"oops": __import__("base64").b64encode(seed).decode()}))
+    with pytest.raises(AssertionError, match="a seed reached"):
+        assert_no_secret_written(tmp_path, [seed])
+    assert_no_secret_written(tmp_path, [os.urandom(32)])  # an unrelated seed is not reported
