@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ import yaml
 
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
+from tests.support import free_port, private_dir
 from tests.vault.fixtures import client_ca, fresh_openbao, openbao, pki_dir, transit_key  # noqa: F401
 
 KLEIDI = str(Path(sys.executable).with_name("kleidi"))
@@ -48,24 +47,14 @@ def wait_for(predicate: Any, timeout: float = 10, what: str = "condition", inter
 
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
-    """A short directory: unix socket paths must stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="kl-", dir="/tmp"))
-    path.chmod(0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    """A short private directory: unix socket paths must stay under 108 bytes."""
+    with private_dir("kl-") as path:
+        yield path
 
 
 def keygen(path: Path) -> None:
     result = run_kleidi("keygen", "--keyring", str(path))
     assert result.returncode == 0, result.stderr
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class KleidiProcess:
@@ -80,7 +69,7 @@ class KleidiProcess:
         self.endpoint = f"unix://{self.socket_path}"
         self.config_path = workdir / f"{name}.yaml"
         self.log_path = workdir / f"{name}.log"
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         config: dict[str, Any] = {
             "server": {"endpoint": self.endpoint, "shutdown_timeout": "10s"},
             "telemetry": {"address": f"127.0.0.1:{self.metrics_port}"},

@@ -21,7 +21,7 @@ from kleidi.backends.base import KeySet, KeyVersion
 from kleidi.backends.local import LocalBackend, create_keyring
 from kleidi.config import load_settings
 from kleidi.server import Server
-from tests.conftest import _free_port
+from tests.support import free_port
 
 
 class CountingBackend(LocalBackend):
@@ -46,7 +46,7 @@ def test_status_makes_no_backend_call(short_dir: Path) -> None:
     settings = load_settings(overrides={"server.endpoint": f"unix://{short_dir}/k.sock",
                                         "backend.keyring": str(keyring),
                                         "backend.refresh_interval": "1h", "backend.probe_interval": "1h",
-                                        "telemetry.address": f"127.0.0.1:{_free_port()}"},
+                                        "telemetry.address": f"127.0.0.1:{free_port()}"},
                              environ={})
     backend = CountingBackend(settings.backend)
     backend.calls = Counter()

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import _free_port, keygen, run_kleidi
+from tests.conftest import keygen, run_kleidi
+from tests.support import free_port
 
 
 def get(proc: Any, path: str) -> tuple[int, str]:
@@ -124,7 +125,7 @@ def test_listener_can_be_turned_off(kleidi_factory: Any) -> None:
 def test_busy_port_is_a_clean_start_up_error(short_dir: Path) -> None:
     keyring = short_dir / "ring.json"
     keygen(keyring)
-    port = _free_port()
+    port = free_port()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port))
         busy.listen()

@@ -368,6 +368,7 @@ class VaultBackendSettings(_BackendSettings):
 
 DEFAULT_BACKEND = "local"
 BACKEND_KINDS = ("local", "vault")
+VAULT_AUTH_METHODS = ("token", "approle", "jwt", "kubernetes", "cert")
 
 
 def _default_backend_kind(value: Any) -> Any:
@@ -517,7 +518,7 @@ def _field_info(path: tuple[str, ...]) -> tuple[str | None, list[str]]:
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
     # Discriminated unions insert their tag ("local", "approle") into the location; drop it.
-    tags = set(BACKEND_KINDS) | {"token", "approle", "jwt", "kubernetes", "cert"}
+    tags = set(BACKEND_KINDS) | set(VAULT_AUTH_METHODS)
     parts = [str(p) for p in loc]
     return tuple(p for i, p in enumerate(parts) if not (i > 0 and p in tags and parts[i - 1] in ("backend", "auth")))
 
@@ -542,13 +543,13 @@ def format_validation_error(exc: ValidationError, source: str,
             continue
         if err["type"] == "union_tag_invalid":
             tag = "kind" if path[-1] == "backend" else "method"
-            choices = BACKEND_KINDS if tag == "kind" else ("token", "approle", "jwt", "kubernetes", "cert")
+            choices = BACKEND_KINDS if tag == "kind" else VAULT_AUTH_METHODS
             lines.append(f"  {dotted}.{tag}{where}: unknown {tag} {err['input'].get(tag)!r}; "
                          f"fix: use one of: {', '.join(choices)}")
             continue
         if err["type"] == "union_tag_not_found":
-            lines.append(f"  {dotted}{where}: missing `method`; fix: set method to one of: token, approle, jwt, "
-                         "kubernetes, cert")
+            lines.append(f"  {dotted}{where}: missing `method`; fix: set method to one of: "
+                         f"{', '.join(VAULT_AUTH_METHODS)}")
             continue
         message = str(err["msg"]).removeprefix("Value error, ")
         given = err.get("input")

@@ -23,7 +23,7 @@ from kleidi.errors import ConfigError, KeyringError, KleidiError
 from kleidi.registry import create_backend
 from kleidi.service.core import EnvelopeService
 from kleidi.service.grpc_api import KMSv1beta1Servicer, KMSv2Servicer
-from kleidi.service.keys import KeyManager
+from kleidi.service.keys import KeyManager, round_trip
 
 log = logging.getLogger("kleidi.server")
 
@@ -100,11 +100,7 @@ class Server:
         try:
             async with asyncio.timeout(settings.backend.timeout * 3):
                 key_set = await backend.load_keys()
-                seed = os.urandom(32)
-                back = await backend.unwrap(key_set.current, await backend.wrap(key_set.current, seed, b"reload"),
-                                            b"reload")
-            if back != seed:
-                raise KleidiError("the new backend's round trip returned other bytes")
+                await round_trip(backend, key_set.current)
         except BaseException:
             await backend.close()
             raise

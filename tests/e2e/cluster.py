@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization  # noqa: TID251 - test fixture key pair
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: TID251
 
+from tests.support import free_port
+
 BIN = Path(sys.executable).parent
 ETCD = str(BIN / "etcd")
 ETCDCTL = str(BIN / "etcdctl")
@@ -33,12 +34,6 @@ KUBECTL = str(BIN / "kubectl")
 ROOT = Path(__file__).resolve().parents[2]
 KUBE_VERSION = os.environ.get("KUBE_VERSION", "v1.36.3")
 TOKEN = "kleidi-e2e-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def kube_apiserver_binary() -> str:

@@ -2,37 +2,40 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.support import private_dir
+
 from .openbao import LocalCA, OpenBao, unique
+
+
+@contextmanager
+def _running_server() -> Iterator[OpenBao]:
+    server = OpenBao()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
 
 
 @pytest.fixture(scope="session")
 def openbao() -> Iterator[OpenBao]:
     """One OpenBao server for the whole session (initialised, unsealed, active). Do not stop it in tests:
     use ``fresh_openbao`` for that. Give everything you create a unique name (``unique()``)."""
-    server = OpenBao()
-    try:
-        server.start()
+    with _running_server() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture
 def fresh_openbao() -> Iterator[OpenBao]:
     """A separate OpenBao server for this test only: stop/kill/restart/seal it at will."""
-    server = OpenBao()
-    try:
-        server.start()
+    with _running_server() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture
@@ -44,10 +47,8 @@ def transit_key(openbao: OpenBao) -> str:
 @pytest.fixture
 def pki_dir() -> Iterator[Path]:
     """A short private directory (mode 0700) for certificates and keys."""
-    path = Path(tempfile.mkdtemp(prefix="kl-pki-", dir="/tmp"))
-    path.chmod(0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with private_dir("kl-pki-") as path:
+        yield path
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,6 +36,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: TID251
 from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: TID251
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support import free_port
 
 __all__ = [
     "BAO",
@@ -79,13 +80,6 @@ class OpenBaoError(AssertionError):
 
 
 # --------------------------------------------------------------------------------------------------- small tools
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _free_ports(count: int) -> list[int]:

@@ -7,10 +7,29 @@ service layer (:mod:`kleidi.service`) owns those.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
+
+FileStamp = tuple[int, int, int, int]
+
+
+def stat_stamp(st: os.stat_result) -> FileStamp:
+    """What changes when a file is rewritten or replaced: device, inode, mtime, size."""
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def file_stamp(path: Path | None) -> FileStamp | None:
+    """:func:`stat_stamp` of a file (following symlinks), or None if it is unset or unreadable."""
+    if path is None:
+        return None
+    try:
+        return stat_stamp(path.stat())
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from kleidi._crypto import aead
 from kleidi._crypto.keyid import derive_key_id
-from kleidi.backends.base import Backend, KeySet, KeyVersion
+from kleidi.backends.base import Backend, FileStamp, KeySet, KeyVersion, stat_stamp
 from kleidi.config import LocalBackendSettings
 from kleidi.errors import InvalidRequest, KeyringError, RetiredKey
 
@@ -256,19 +256,18 @@ class LocalBackend(Backend):
             create_keyring(self._path)
         self._keys: dict[int, bytes] = {}
         self._key_set: KeySet | None = None
-        self._file_identity: tuple[int, int, int, int] | None = None
+        self._file_identity: FileStamp | None = None
 
     def describe(self) -> str:
         return f"local keyring {self._path}"
 
     async def load_keys(self, force: bool = False) -> KeySet:
-        st = check_file_safety(self._path)
-        identity = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        identity = stat_stamp(check_file_safety(self._path))
         if not force and self._key_set is not None and identity == self._file_identity:
             return self._key_set
         keyring, st = read_keyring(self._path)
         self._keys = {v: e.key for v, e in keyring.versions.items() if e.key is not None}
-        self._file_identity = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        self._file_identity = stat_stamp(st)
         self._key_set = keyring.key_set(generation=self._file_identity)
         return self._key_set
 

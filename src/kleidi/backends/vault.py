@@ -33,7 +33,7 @@ import aiohttp
 
 from kleidi import audit, telemetry
 from kleidi._crypto.keyid import derive_key_id
-from kleidi.backends.base import Backend, KeySet, KeyVersion
+from kleidi.backends.base import Backend, FileStamp, KeySet, KeyVersion, file_stamp
 from kleidi.config import (
     VaultAppRoleAuth,
     VaultBackendSettings,
@@ -113,14 +113,9 @@ class _TokenFileAuth(_Authenticator):
         self.settings = settings
 
     def stamp(self) -> object:
-        path = self.settings.token_file
-        if path is None:
+        if self.settings.token_file is None:
             return os.environ.get(self.settings.token_env or "", "")
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return file_stamp(self.settings.token_file)
 
     async def login(self, client: _VaultHTTP) -> _Token:
         stamp = self.stamp()
@@ -253,15 +248,9 @@ class _VaultHTTP:
             raise BackendUnavailable(f"Vault answered {status} with a body that is not a JSON object")
         return body
 
-    def _tls_files_stamp(self) -> tuple[object, ...]:
-        stamps: list[object] = []
-        for path in (self.settings.tls.ca_file, self.settings.tls.client_cert_file, self.settings.tls.client_key_file):
-            try:
-                st = path.stat() if path is not None else None
-            except OSError:
-                st = None
-            stamps.append((st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None)
-        return tuple(stamps)
+    def _tls_files_stamp(self) -> tuple[FileStamp | None, ...]:
+        tls = self.settings.tls
+        return tuple(file_stamp(path) for path in (tls.ca_file, tls.client_cert_file, tls.client_key_file))
 
     async def reload_tls_if_changed(self, force: bool = False) -> None:
         """Pick up a renewed client certificate (e.g. the kubelet's) or CA bundle without a restart."""

@@ -11,12 +11,23 @@ import time
 from dataclasses import dataclass
 
 from kleidi import audit, telemetry
-from kleidi.backends.base import Backend, KeySet
+from kleidi.backends.base import Backend, KeySet, KeyVersion
 from kleidi.errors import KleidiError
 
 log = logging.getLogger("kleidi.keys")
 
 _PROBE_AAD = b"kleidi health probe"
+
+
+async def round_trip(backend: Backend, key: KeyVersion) -> None:
+    """Wrap and unwrap 32 random bytes with ``key``: the one check that the KEK really works.
+
+    :raises KleidiError: the backend failed, or gave back other bytes.
+    """
+    sample = os.urandom(32)
+    payload = await backend.wrap(key, sample, _PROBE_AAD)
+    if not hmac.compare_digest(await backend.unwrap(key, payload, _PROBE_AAD), sample):
+        raise KleidiError("round trip returned other bytes")
 
 
 @dataclass(frozen=True)
@@ -123,14 +134,10 @@ class KeyManager:
         key_set = self.key_set
         if key_set is None:
             return
-        sample = os.urandom(32)
         try:
             with telemetry.backend_call(self.backend.kind, "probe"):
                 async with asyncio.timeout(self.call_timeout):
-                    payload = await self.backend.wrap(key_set.current, sample, _PROBE_AAD)
-                    back = await self.backend.unwrap(key_set.current, payload, _PROBE_AAD)
-            if not hmac.compare_digest(back, sample):
-                raise KleidiError("round trip returned other bytes")
+                    await round_trip(self.backend, key_set.current)
         except (KleidiError, TimeoutError) as exc:
             reason = str(exc) if isinstance(exc, KleidiError) else "backend did not answer in time"
             reason = f"health probe failed: {reason}"
