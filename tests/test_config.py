@@ -77,6 +77,10 @@ BAD_SETTINGS = [
     pytest.param("logging:\n  level: verbose\n", ["logging.level"], id="bad-log-level"),
     pytest.param("server:\n  enable_v1beta1: perhaps\n", ["server.enable_v1beta1"], id="bad-bool"),
     pytest.param("server: unix:///tmp/x.sock\n", ["server"], id="section-not-a-mapping"),
+    pytest.param("server:\n  allowed_uids: [no-such-user-kleidi]\n",
+                 ["server.allowed_uids", "no user named 'no-such-user-kleidi'", "fix"], id="unknown-allowed-user"),
+    pytest.param("server:\n  allowed_gids: [no-such-group-kleidi]\n",
+                 ["server.allowed_gids", "no group named 'no-such-group-kleidi'", "fix"], id="unknown-allowed-group"),
 ]
 
 
@@ -302,6 +306,10 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
         "enable_v1beta1": False,
         "status_version": "v2",
         "shutdown_timeout": 10.0,
+        "authenticate_callers": True,
+        "allowed_uids": None,
+        "allowed_gids": [],
+        "lock_memory": False,
     },
     "logging": {
         "level": "info",

@@ -61,6 +61,23 @@ def test_an_invalid_config_is_refused_and_the_old_one_stays(kleidi_factory: Any)
     assert sealed.key_id == before
 
 
+def test_a_changed_config_file_is_applied_without_a_signal(kleidi_factory: Any, short_dir: Path) -> None:
+    proc: KleidiProcess = kleidi_factory()
+    before = proc.status().key_id
+    proc.config_path.write_text("backend: [half-written\n")  # an editor's partial save: refused, nothing lost
+    wait_log(proc, "config reload refused")
+    assert proc.status().key_id == before and proc.status().healthz == "ok"
+
+    other = short_dir / "other-keyring.json"
+    keygen(other)
+    proc.config_path.write_text(yaml.safe_dump({**proc.config, "backend": {**proc.config["backend"],
+                                                                          "keyring": str(other)}}))
+    after = proc.wait_for_key_id(lambda k: k != before)
+    wait_log(proc, "configuration reloaded")
+    assert f"config file {proc.config_path} changed: reloading" in proc.log()
+    assert proc.encrypt(b"w" * 32).key_id == after
+
+
 def test_a_new_backend_that_does_not_work_is_refused(kleidi_factory: Any, short_dir: Path) -> None:
     proc: KleidiProcess = kleidi_factory()
     before = proc.status().key_id

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
 import uuid
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
@@ -218,7 +220,18 @@ def test_abstract_socket(kleidi_factory):
     # No file was created for an abstract socket.
     assert not os.path.lexists(f"/@{name}")
     assert not k.socket_path.exists()
-    assert "abstract socket" in k.log()
+    # An abstract socket has no file permissions: the caller check is what guards it.
+    assert "callers authenticated by SO_PEERCRED" in k.log()
+    assert k.stop() == 0
+
+
+def test_abstract_socket_without_caller_authentication_is_warned_about(kleidi_factory):
+    name = f"kleidi-test-{uuid.uuid4().hex}"
+    k = kleidi_factory(start=False, settings={"server": {"endpoint": f"unix:///@{name}",
+                                                          "authenticate_callers": False}})
+    k.start(wait=False)
+    wait_for(lambda: "serving KMS" in k.log(), 20, "kleidi serving")
+    assert "abstract socket" in k.log() and "any process" in k.log()
     assert k.stop() == 0
 
 
@@ -320,3 +333,25 @@ def test_the_server_process_cannot_dump_core(kleidi_factory: Any) -> None:
     assert core.split()[4:6] == ["0", "0"], core
     # The kernel's own answer to PR_GET_DUMPABLE, read back by kleidi after setting it.
     assert "dumpable=0" in proc.log()
+
+
+def test_lock_memory_keeps_every_page_in_ram(kleidi_factory: Any) -> None:
+    proc = kleidi_factory(settings={"server": {"lock_memory": True}})
+    status = Path(f"/proc/{proc.proc.pid}/status").read_text()
+    locked_kb = int(next(line for line in status.splitlines() if line.startswith("VmLck:")).split()[1])
+    size_kb = int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1])
+    assert locked_kb > 0.9 * size_kb, status  # every mapping (a few may come and go between the reads)
+    assert "memory locked in RAM" in proc.log()
+    assert proc.encrypt(os.urandom(32)).key_id
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops CAP_IPC_LOCK from root's bounding set")  # CI runs as root
+def test_lock_memory_that_cannot_be_had_stops_start_up_with_the_fix(kleidi_factory: Any) -> None:
+    proc = kleidi_factory(start=False, settings={"server": {"lock_memory": True}})
+    # Without CAP_IPC_LOCK and with RLIMIT_MEMLOCK 0, mlockall must fail.
+    result = subprocess.run(["prlimit", "--memlock=0:0", "setpriv", "--bounding-set", "-ipc_lock", "--inh-caps",
+                             "-ipc_lock", *proc.command], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "server.lock_memory: cannot lock memory" in result.stderr
+    assert "CAP_IPC_LOCK" in result.stderr and "fix" in result.stderr
+    assert not proc.socket_path.exists()

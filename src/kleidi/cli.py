@@ -86,7 +86,8 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), help="logging.format")
 def serve(config_file: Path | None, keyring: Path | None, endpoint: str | None, create_keyring: bool | None,
           enable_v1beta1: bool | None, log_level: str | None, log_format: str | None) -> None:
-    """Serve KMS v2 to kube-apiserver until SIGTERM or SIGINT (SIGHUP reloads the config and keys)."""
+    """Serve KMS v2 to kube-apiserver until SIGTERM or SIGINT (SIGHUP, or a change to the config
+    file, reloads the config and keys)."""
     from kleidi import logs, server
 
     overrides = {"server.endpoint": endpoint, "server.enable_v1beta1": enable_v1beta1,
@@ -94,7 +95,7 @@ def serve(config_file: Path | None, keyring: Path | None, endpoint: str | None, 
                  "logging.level": log_level, "logging.format": log_format}
     settings = _settings(config_file, **overrides)
     logs.configure(settings.logging.level, settings.logging.format)
-    server.serve(settings, reload_settings=lambda: _settings(config_file, **overrides))
+    server.serve(settings, reload_settings=lambda: _settings(config_file, **overrides), watch=config_file)
 
 
 @main.command()

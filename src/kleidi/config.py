@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from kleidi.endpoint import parse_endpoint
+from kleidi.endpoint import parse_endpoint, resolve_gid, resolve_uid
 from kleidi.errors import ConfigError
 
 ENV_PREFIX = "KLEIDI_"
@@ -110,10 +110,39 @@ class ServerSettings(_Settings):
     shutdown_timeout: Duration = 10.0
     """On SIGTERM/SIGINT, how long in-flight calls may take to finish before they are cancelled."""
 
+    authenticate_callers: bool = True
+    """Check who connects (the kernel's SO_PEERCRED uid/gid of the calling process) against
+    allowed_uids and allowed_gids; others get PERMISSION_DENIED, a log line and an audit record.
+    false: the socket's file permissions are the only check (an abstract socket then has none)."""
+
+    allowed_uids: list[int | str] | None = None
+    """Users (uids or names) allowed to call. null: root and the user kleidi runs as."""
+
+    allowed_gids: list[int | str] = []
+    """Also allow callers whose primary group (gid or name) is one of these."""
+
+    lock_memory: bool = False
+    """Lock kleidi's memory in RAM (mlockall), so that no seed or key is ever written to swap.
+    Needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK; if the lock fails, kleidi does not start."""
+
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_unix(cls, value: str) -> str:
         parse_endpoint(value)
+        return value
+
+    @field_validator("allowed_uids")
+    @classmethod
+    def _users_exist(cls, value: list[int | str] | None) -> list[int | str] | None:
+        for user in value or []:
+            resolve_uid(user)
+        return value
+
+    @field_validator("allowed_gids")
+    @classmethod
+    def _groups_exist(cls, value: list[int | str]) -> list[int | str]:
+        for group in value:
+            resolve_gid(group)
         return value
 
 

@@ -6,8 +6,10 @@ import contextlib
 import errno
 import grp
 import os
+import pwd
 import socket as _socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -116,16 +118,34 @@ def prepare_path(endpoint: Endpoint) -> None:
     path.unlink()
 
 
+def _resolve_id(value: int | str, lookup: Callable[[str], int], what: str) -> int:
+    """A numeric id from a number or a name (a string of digits counts as a number)."""
+    if isinstance(value, int) or value.isdigit():
+        return int(value)
+    try:
+        return lookup(value)
+    except KeyError:
+        raise ValueError(f"no {what} named {value!r} on this host; fix: use an existing {what} name or a numeric "
+                         "id") from None
+
+
+def resolve_uid(value: int | str) -> int:
+    return _resolve_id(value, lambda name: pwd.getpwnam(name).pw_uid, "user")
+
+
+def resolve_gid(value: int | str) -> int:
+    return _resolve_id(value, lambda name: grp.getgrnam(name).gr_gid, "group")
+
+
 def restrict(endpoint: Endpoint, mode: int, group: str | int | None) -> None:
     """Apply the configured mode and group to a bound socket file."""
     if endpoint.path is None:
         return
     if group is not None:
         try:
-            gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ConfigError(f"server.socket_group: no group named {group!r}; fix: use an existing group "
-                              "name or gid") from None
+            gid = resolve_gid(group)
+        except ValueError as exc:
+            raise ConfigError(f"server.socket_group: {exc}") from None
         os.chown(endpoint.path, -1, gid)
     os.chmod(endpoint.path, mode)
 

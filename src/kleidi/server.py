@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,7 +18,8 @@ import grpc
 from kleidi import __version__, audit, endpoint, logs, telemetry
 from kleidi._proto.kmsv1beta1 import api_pb2_grpc as v1_grpc
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
-from kleidi.backends.base import Backend
+from kleidi.backends.base import Backend, file_stamp
+from kleidi.callers import CallerPolicy, SocketGate
 from kleidi.config import KleidiSettings
 from kleidi.errors import ConfigError, KeyringError, KleidiError
 from kleidi.registry import create_backend
@@ -29,6 +31,8 @@ log = logging.getLogger("kleidi.server")
 
 _PR_GET_DUMPABLE = 3
 _PR_SET_DUMPABLE = 4
+_MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
+_WATCH_INTERVAL = 1.0  # seconds between looks at the config file's stamp (one stat call)
 _MAX_MESSAGE = 256 * 1024  # the largest legal request (32 KiB annotations + 1 KiB ciphertext) fits many times
 
 
@@ -36,15 +40,17 @@ class Server:
     """One kleidi instance: backend, key state, gRPC server. ``run()`` serves until ``stop()``."""
 
     def __init__(self, settings: KleidiSettings, backend: Backend | None = None,
-                 reload_settings: Callable[[], KleidiSettings] | None = None) -> None:
+                 reload_settings: Callable[[], KleidiSettings] | None = None, watch: Path | None = None) -> None:
         self.settings = settings
         self._reload_settings = reload_settings
+        self._watch = watch
         self.endpoint = endpoint.parse_endpoint(settings.server.endpoint)
         self.backend = backend if backend is not None else create_backend(settings.backend)
         b = settings.backend
         self.keys = KeyManager(self.backend, b.refresh_interval, b.probe_interval, call_timeout=b.timeout)
         self._stop = asyncio.Event()
         self._inode: int | None = None
+        self.gate: SocketGate | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -95,6 +101,17 @@ class Server:
         audit.emit("config_reload", outcome="applied", backend=self.backend.kind)
         return True
 
+    async def _watch_config(self, path: Path) -> None:
+        """Reload when the config file changes (an edit, or a ConfigMap's symlink swap), as on SIGHUP."""
+        seen = file_stamp(path)
+        while True:
+            await asyncio.sleep(_WATCH_INTERVAL)
+            stamp = file_stamp(path)
+            if stamp != seen and stamp is not None:
+                seen = stamp
+                log.info("config file %s changed: reloading", path)
+                await self.reload_config()
+
     async def _tried_backend(self, settings: KleidiSettings) -> tuple[Backend, Any]:
         backend = create_backend(settings.backend)
         try:
@@ -115,17 +132,51 @@ class Server:
             ("grpc.server.max_pending_requests", 20000),
             ("grpc.server.max_pending_requests_hard_limit", 60000),
         ])
+        server_settings = self.settings.server
+        if server_settings.authenticate_callers:
+            policy = CallerPolicy.from_settings(server_settings.allowed_uids, server_settings.allowed_gids)
+            self.gate = SocketGate(self.endpoint, policy)
+        callers = self.gate.caller if self.gate is not None else None
         envelope_service = EnvelopeService(self.keys)
-        v2_servicer = KMSv2Servicer(self.keys, envelope_service, self.settings.server.status_version)
+        v2_servicer = KMSv2Servicer(self.keys, envelope_service, server_settings.status_version, callers)
         v2_grpc.add_KeyManagementServiceServicer_to_server(v2_servicer, server)
-        if self.settings.server.enable_v1beta1:
-            v1_grpc.add_KeyManagementServiceServicer_to_server(KMSv1beta1Servicer(envelope_service), server)
+        if server_settings.enable_v1beta1:
+            v1_grpc.add_KeyManagementServiceServicer_to_server(KMSv1beta1Servicer(envelope_service, callers), server)
+        if self.gate is not None:
+            # gRPC listens inside the gate's private directory; the gate owns the public socket.
+            try:
+                await self._bind_grpc(server, self.gate.private_address)
+                await self.gate.start(server_settings.socket_mode, server_settings.socket_group)
+            except BaseException:
+                await server.stop(None)
+                await self._release_socket()
+                raise
+            log.info("callers authenticated by SO_PEERCRED: allowed %s; gRPC server behind it on %s",
+                     self.gate.policy.describe(), self.gate.private_path)
+            return server
         endpoint.prepare_path(self.endpoint)
+        await self._bind_grpc(server, self.endpoint.grpc_address)
+        self._inode = endpoint.inode_of(self.endpoint)
+        try:
+            endpoint.restrict(self.endpoint, server_settings.socket_mode, server_settings.socket_group)
+        except BaseException:
+            await server.stop(None)
+            await self._release_socket()
+            raise
+        return server
+
+    async def _release_socket(self) -> None:
+        if self.gate is not None:
+            await self.gate.close()
+        elif self._inode is not None:
+            endpoint.remove(self.endpoint, self._inode)
+
+    async def _bind_grpc(self, server: grpc.aio.Server, address: str) -> None:
         # The socket must never exist with a wider mode, even for a moment: bind under a tight umask.
         old_umask = os.umask(0o177)
         try:
             try:
-                port = server.add_insecure_port(self.endpoint.grpc_address)
+                port = server.add_insecure_port(address)
             except RuntimeError:  # grpcio raises instead of returning 0
                 port = 0
             if port == 0:
@@ -134,14 +185,6 @@ class Server:
             await server.start()
         finally:
             os.umask(old_umask)
-        self._inode = endpoint.inode_of(self.endpoint)
-        try:
-            endpoint.restrict(self.endpoint, self.settings.server.socket_mode, self.settings.server.socket_group)
-        except BaseException:
-            await server.stop(None)
-            endpoint.remove(self.endpoint, self._inode)
-            raise
-        return server
 
     def _live(self) -> tuple[bool, str]:
         """/livez: the gRPC server answers Status on its socket (Status never calls the backend, so a
@@ -205,17 +248,19 @@ class Server:
             health_server = self._start_health_server()
         except ConfigError:
             await server.stop(None)
-            endpoint.remove(self.endpoint, self._inode)
+            await self._release_socket()
             raise
         audit.emit("start", version=__version__, backend=self.backend.kind, endpoint=str(self.endpoint),
                    key_id=self.keys.key_set.current.key_id if self.keys.key_set else None)
         syncer = asyncio.create_task(self._sync_audit(audit_log)) if audit_log else None
+        watcher = (asyncio.create_task(self._watch_config(self._watch))
+                   if self._watch is not None and self._reload_settings is not None else None)
         loop = asyncio.get_running_loop()
         if install_signal_handlers:
             loop.add_signal_handler(signal.SIGTERM, self.stop)
             loop.add_signal_handler(signal.SIGINT, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
-        if self.endpoint.abstract_name is not None:
+        if self.endpoint.abstract_name is not None and self.gate is None:
             log.warning("abstract socket @%s has no file permissions: any process in this network namespace "
                         "can connect", self.endpoint.abstract_name)
         refresher = asyncio.create_task(self.keys.run(), name="kleidi-key-refresh")
@@ -233,39 +278,55 @@ class Server:
                 # A second signal ends the wait for in-flight calls at once.
                 loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.stop(0)))
                 loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.stop(0)))
+            if self.gate is not None:
+                self.gate.close_listener()
             await server.stop(grace)
         finally:
             if health_server is not None:
                 health_server.stop()
-            if syncer is not None:
-                syncer.cancel()
+            for task in (syncer, watcher):
+                if task is not None:
+                    task.cancel()
             if audit_log is not None:
                 audit.activate(None)
                 audit_log.close()
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
-            endpoint.remove(self.endpoint, self._inode)
+            await self._release_socket()
             await self.backend.close()
             log.info("stopped")
 
 
-def harden_process() -> None:
+def harden_process(lock_memory: bool = False) -> None:
     """No core dumps (they would hold seeds and keys), and no ptrace or /proc/<pid>/mem access by
-    other processes of the same user: the process is marked non-dumpable."""
+    other processes of the same user: the process is marked non-dumpable. With ``lock_memory``,
+    every page is locked in RAM so none reaches swap."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-            log.warning("could not mark the process non-dumpable (errno %d)", ctypes.get_errno())
-        dumpable = libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)  # read back what the kernel now holds
-    except (OSError, AttributeError):
+    except OSError:
+        libc = None
+    if lock_memory:
+        # ONFAULT: lock pages as they are touched, rather than faulting in every thread's whole stack now.
+        if libc is None or libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
+            errno_text = os.strerror(ctypes.get_errno()) if libc is not None else "no libc"
+            raise ConfigError(f"server.lock_memory: cannot lock memory ({errno_text}); fix: give kleidi "
+                              "CAP_IPC_LOCK (in a pod: securityContext.capabilities.add: [IPC_LOCK]) or raise its "
+                              "RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=infinity), or set server.lock_memory: false")
+        log.info("memory locked in RAM (mlockall): no page of kleidi's is swapped out")
+    if libc is None or not hasattr(libc, "prctl"):
         log.warning("prctl is not available: the process stays dumpable")
         return
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("could not mark the process non-dumpable (errno %d)", ctypes.get_errno())
+    dumpable = libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)  # read back what the kernel now holds
     log.info("process hardened: core dumps off (RLIMIT_CORE 0), dumpable=%d", dumpable)
 
 
-def serve(settings: KleidiSettings, reload_settings: Callable[[], KleidiSettings] | None = None) -> None:
-    """Build the server and run it until SIGTERM/SIGINT; SIGHUP reloads through ``reload_settings``."""
-    harden_process()  # after logging is configured, so the result is logged
-    asyncio.run(Server(settings, reload_settings=reload_settings).run())
+def serve(settings: KleidiSettings, reload_settings: Callable[[], KleidiSettings] | None = None,
+          watch: Path | None = None) -> None:
+    """Build the server and run it until SIGTERM/SIGINT; SIGHUP, or a change to the file ``watch``,
+    reloads through ``reload_settings``."""
+    harden_process(settings.server.lock_memory)  # after logging is configured, so the result is logged
+    asyncio.run(Server(settings, reload_settings=reload_settings, watch=watch).run())

@@ -43,6 +43,9 @@ CURRENT_KEY = Gauge("kleidi_current_key_info", "The current KEK, by the SHA-256 
                     ["key_id_hash"], registry=REGISTRY)
 ROTATIONS = Counter("kleidi_key_rotations_observed_total", "Changes of the current key_id seen at refresh.",
                     registry=REGISTRY)
+PEER_REJECTIONS = Counter("kleidi_peer_credential_rejections_total",
+                          "Connections refused because the caller's uid/gid (SO_PEERCRED) is not allowed.",
+                          registry=REGISTRY)
 AUDIT_RECORDS = Counter("kleidi_audit_records_total", "Records written to the audit log.", registry=REGISTRY)
 VAULT_LOGINS = Counter("kleidi_vault_logins_total", "Logins to Vault (first, after expiry or refusal).",
                        registry=REGISTRY)
