@@ -265,6 +265,53 @@ def test_rotation_min_decryption_version_and_retirement(openbao: OpenBao, transi
     assert proc.status().healthz == "ok"
 
 
+def _tampered(ciphertext: bytes) -> bytes:
+    """The same envelope with one base64 character of the Transit ciphertext changed: only Transit can tell."""
+    at = ciphertext.index(b"vault:v") + len(b"vault:v1:") + 10
+    return ciphertext[:at] + (b"B" if ciphertext[at:at + 1] == b"A" else b"A") + ciphertext[at + 1:]
+
+
+def test_concurrent_calls_are_coalesced_into_batches_and_each_caller_gets_its_own_answer(
+        openbao: OpenBao, transit_key: str, kleidi_factory: Any, short_dir: Path) -> None:
+    proc = start_kleidi(kleidi_factory, kleidi_vault.backend(
+        openbao, transit_key, kleidi_vault.token_auth(openbao, transit_key, short_dir), max_in_flight=1))
+    round_trip(proc)  # warm: token, connection
+    encrypts_before = openbao.request_count(f"transit/encrypt/{transit_key}")
+    seeds = [os.urandom(32) for _ in range(64)]
+    proc.plaintexts_sent.extend(seeds)
+    futures = [proc.stub.Encrypt.future(pb.EncryptRequest(plaintext=seed, uid=f"u{i}"), timeout=20)
+               for i, seed in enumerate(seeds)]
+    sealed = [f.result() for f in futures]
+    encrypt_requests = openbao.request_count(f"transit/encrypt/{transit_key}") - encrypts_before
+    assert encrypt_requests < 0.8 * len(seeds), f"{encrypt_requests} Transit requests for {len(seeds)} Encrypts"
+
+    # Decrypt them all at once, every third one tampered: each caller gets its own plaintext or its own error.
+    decrypts_before = openbao.request_count(f"transit/decrypt/{transit_key}")
+    requests = [pb.DecryptRequest(ciphertext=_tampered(s.ciphertext) if i % 3 == 0 else s.ciphertext,
+                                  key_id=s.key_id, annotations=dict(s.annotations), uid=f"d{i}")
+                for i, s in enumerate(sealed)]
+    futures = [proc.stub.Decrypt.future(request, timeout=20) for request in requests]
+    for i, (future, seed) in enumerate(zip(futures, seeds, strict=True)):
+        if i % 3 == 0:
+            with pytest.raises(grpc.RpcError) as info:
+                future.result()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, i
+        else:
+            assert future.result().plaintext == seed, i
+    decrypt_requests = openbao.request_count(f"transit/decrypt/{transit_key}") - decrypts_before
+    assert decrypt_requests < 0.8 * len(seeds), f"{decrypt_requests} Transit requests for {len(seeds)} Decrypts"
+
+    # A batch in which every item fails is answered item by item, each with its own error.
+    futures = [proc.stub.Decrypt.future(pb.DecryptRequest(ciphertext=_tampered(s.ciphertext), key_id=s.key_id,
+                                                          annotations=dict(s.annotations), uid="bad"), timeout=20)
+               for s in sealed[:8]]
+    for future in futures:
+        with pytest.raises(grpc.RpcError) as info:
+            future.result()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert proc.status().healthz == "ok"
+
+
 def test_a_recreated_key_never_reuses_a_key_id(openbao: OpenBao, kleidi_factory: Any, short_dir: Path) -> None:
     key = openbao.create_key(unique("recreated"))
     proc = start_kleidi(kleidi_factory, kleidi_vault.backend(

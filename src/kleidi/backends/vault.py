@@ -25,6 +25,7 @@ import os
 import ssl
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +35,7 @@ import aiohttp
 from kleidi import audit, telemetry
 from kleidi._crypto.keyid import derive_key_id
 from kleidi.backends.base import Backend, FileStamp, KeySet, KeyVersion, file_stamp
+from kleidi.backends.batching import Coalescer
 from kleidi.config import (
     VaultAppRoleAuth,
     VaultBackendSettings,
@@ -396,6 +398,9 @@ class VaultBackend(Backend):
         self._highest_latest = 0
         self._rollback_floor = 0  # after a rollback: the version the key must pass before it is trusted again
         self._warned_non_aead = False
+        # Under load, concurrent wraps (or unwraps) leave together as one batch_input request.
+        self._encrypts = Coalescer(self._encrypt_batch, settings.max_in_flight)
+        self._decrypts = Coalescer(self._decrypt_batch, settings.max_in_flight)
 
     def describe(self) -> str:
         ns = f" namespace {self.settings.namespace}" if self.settings.namespace else ""
@@ -449,37 +454,75 @@ class VaultBackend(Backend):
         return self._key_set
 
     async def wrap(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:
-        body: dict[str, Any] = {"plaintext": _b64(plaintext), "key_version": key.version}
-        if self._aead:
-            body["associated_data"] = _b64(aad)
-        try:
-            data = _data(await self.client.authed("POST", f"{self._mount}/encrypt/{self._key}", body), "ciphertext")
-        except VaultError as exc:
-            raise BackendUnavailable(f"Transit encrypt failed: {exc}") from None
-        ciphertext = str(data["ciphertext"])
-        if not ciphertext.startswith(f"vault:v{key.version}:"):
-            raise BackendUnavailable(f"Transit encrypted with another version than {key.version}")
-        return ciphertext.encode()
+        return await self._encrypts.submit((key, plaintext, aad))
 
     async def unwrap(self, key: KeyVersion, payload: bytes, aad: bytes) -> bytes:
         if not payload.startswith(f"vault:v{key.version}:".encode()):
             raise DecryptionFailed()
-        body: dict[str, Any] = {"ciphertext": payload.decode("ascii", errors="replace")}
+        return await self._decrypts.submit((key, payload, aad))
+
+    def _item(self, aad: bytes, **fields: Any) -> dict[str, Any]:
         if self._aead:
-            body["associated_data"] = _b64(aad)
+            fields["associated_data"] = _b64(aad)
+        return fields
+
+    async def _transit(self, operation: str, items: Sequence[dict[str, Any]], field: str) -> list[Any]:
+        """One Transit request for one item (the plain form) or many (``batch_input``); per item, the
+        answer's ``field`` or the :class:`VaultError` for that item."""
+        path = f"{self._mount}/{operation}/{self._key}"
+        if len(items) == 1:
+            try:
+                return [_data(await self.client.authed("POST", path, dict(items[0])), field)[field]]
+            except VaultError as exc:
+                return [exc]
+        # 200 even if some items fail, so each failure stays with its own caller.
+        body = {"batch_input": list(items), "partial_failure_response_code": 200}
         try:
-            data = _data(await self.client.authed("POST", f"{self._mount}/decrypt/{self._key}", body), "plaintext")
+            results = _data(await self.client.authed("POST", path, body), "batch_results")["batch_results"]
         except VaultError as exc:
-            text = " ".join(exc.errors).lower()
-            if exc.status == 400 and "disallowed by policy" in text:
-                raise RetiredKey(f"key_id {key.key_id} has been retired: Transit key version {key.version} is below "
-                                 "the key's min_decryption_version") from None
-            if exc.status == 400 and "not found" in text:
-                raise BackendUnavailable(f"Transit decrypt failed: {exc}") from None
-            if exc.status == 400:
-                raise DecryptionFailed() from None
+            if exc.status == 400:  # every item failed: ask one by one, for each caller's own error
+                return [result for item in items for result in await self._transit(operation, [item], field)]
+            raise
+        if not isinstance(results, list) or len(results) != len(items):
+            raise BackendUnavailable("unexpected answer from Vault: batch_results does not match batch_input")
+        return [VaultError(400, [str(r["error"])]) if r.get("error") else r.get(field) for r in results]
+
+    async def _encrypt_batch(self, calls: Sequence[tuple[KeyVersion, bytes, bytes]]) -> list[bytes | BaseException]:
+        items = [self._item(aad, plaintext=_b64(plaintext), key_version=key.version) for key, plaintext, aad in calls]
+        try:
+            answers = await self._transit("encrypt", items, "ciphertext")
+        except VaultError as exc:
+            raise BackendUnavailable(f"Transit encrypt failed: {exc}") from None
+        results: list[bytes | BaseException] = []
+        for (key, _, _), answer in zip(calls, answers, strict=True):
+            if isinstance(answer, VaultError):
+                results.append(BackendUnavailable(f"Transit encrypt failed: {answer}"))
+            elif not str(answer).startswith(f"vault:v{key.version}:"):
+                results.append(BackendUnavailable(f"Transit encrypted with another version than {key.version}"))
+            else:
+                results.append(str(answer).encode())
+        return results
+
+    async def _decrypt_batch(self, calls: Sequence[tuple[KeyVersion, bytes, bytes]]) -> list[bytes | BaseException]:
+        items = [self._item(aad, ciphertext=payload.decode("ascii", errors="replace")) for _, payload, aad in calls]
+        try:
+            answers = await self._transit("decrypt", items, "plaintext")
+        except VaultError as exc:
             raise BackendUnavailable(f"Transit decrypt failed: {exc}") from None
-        return base64.b64decode(data["plaintext"])
+        return [self._decrypt_error(key, answer) if isinstance(answer, VaultError) else base64.b64decode(answer)
+                for (key, _, _), answer in zip(calls, answers, strict=True)]
+
+    @staticmethod
+    def _decrypt_error(key: KeyVersion, exc: VaultError) -> KleidiError:
+        text = " ".join(exc.errors).lower()
+        if exc.status == 400 and "disallowed by policy" in text:
+            return RetiredKey(f"key_id {key.key_id} has been retired: Transit key version {key.version} is below "
+                              "the key's min_decryption_version")
+        if exc.status == 400 and "not found" in text:
+            return BackendUnavailable(f"Transit decrypt failed: {exc}")
+        if exc.status == 400:
+            return DecryptionFailed()
+        return BackendUnavailable(f"Transit decrypt failed: {exc}")
 
     async def close(self) -> None:
         await self.client.close()
