@@ -309,6 +309,7 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
         "authenticate_callers": True,
         "allowed_uids": None,
         "allowed_gids": [],
+        "event_loop": "uvloop",
         "lock_memory": False,
     },
     "logging": {

@@ -355,3 +355,12 @@ def test_lock_memory_that_cannot_be_had_stops_start_up_with_the_fix(kleidi_facto
     assert "server.lock_memory: cannot lock memory" in result.stderr
     assert "CAP_IPC_LOCK" in result.stderr and "fix" in result.stderr
     assert not proc.socket_path.exists()
+
+
+def test_the_standard_library_event_loop_serves_too(kleidi_factory: Any) -> None:
+    """uvloop is the default; server.event_loop: asyncio must serve the same protocol."""
+    proc = kleidi_factory(settings={"server": {"event_loop": "asyncio"}})
+    seed = os.urandom(32)
+    sealed = proc.encrypt(seed)
+    assert proc.decrypt(sealed.ciphertext, sealed.key_id, sealed.annotations) == seed
+    assert proc.stop() == 0

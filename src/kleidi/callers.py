@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import h2.config
 import h2.connection
@@ -98,8 +99,7 @@ class _Relay(asyncio.Protocol):
         self._eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
 
     def _send(self, data: bytes) -> None:
         if self.partner is None or self.partner.transport is None:
@@ -156,10 +156,9 @@ class _Refusal(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self.h2.initiate_connection()
-        transport.write(self.h2.data_to_send())
+        self.transport.write(self.h2.data_to_send())
         self._timer = asyncio.get_running_loop().call_later(_REFUSED_LINGER, self._give_up)
 
     def _give_up(self) -> None:

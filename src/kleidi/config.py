@@ -121,6 +121,9 @@ class ServerSettings(_Settings):
     allowed_gids: list[int | str] = []
     """Also allow callers whose primary group (gid or name) is one of these."""
 
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The asyncio event loop: uvloop (faster: more calls per CPU second) or the standard library's."""
+
     lock_memory: bool = False
     """Lock kleidi's memory in RAM (mlockall), so that no seed or key is ever written to swap.
     Needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK; if the lock fails, kleidi does not start."""

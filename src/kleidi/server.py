@@ -329,4 +329,15 @@ def serve(settings: KleidiSettings, reload_settings: Callable[[], KleidiSettings
     """Build the server and run it until SIGTERM/SIGINT; SIGHUP, or a change to the file ``watch``,
     reloads through ``reload_settings``."""
     harden_process(settings.server.lock_memory)  # after logging is configured, so the result is logged
-    asyncio.run(Server(settings, reload_settings=reload_settings, watch=watch).run())
+    with asyncio.Runner(loop_factory=_event_loop_factory(settings.server.event_loop)) as runner:
+        runner.run(Server(settings, reload_settings=reload_settings, watch=watch).run())
+
+
+def _event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop by default: the event loop's own cost per call is a large share of kleidi's (see
+    docs/benchmarks.md); ``asyncio`` is the standard library's loop."""
+    if name == "asyncio":
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
