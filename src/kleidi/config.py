@@ -377,7 +377,7 @@ class VaultBackendSettings(_BackendSettings):
     max_connections: int = Field(default=32, ge=1, le=1024)
     """Connections kept open to the server and shared by all requests."""
 
-    max_in_flight: int = Field(default=4, ge=1, le=1024)
+    max_in_flight: int = Field(default=1, ge=1, le=1024)
     """Transit encrypt (or decrypt) requests kleidi keeps open at once. Calls that arrive while that
     many are out are sent together, as one batch_input request, when one returns: a burst costs the
     server a few requests instead of one per call, and a lone call never waits."""
