@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import procmon
-from bench.common import log, run_json, wait_until
+from bench.common import log, run_json
 from bench.plugins import GoPlugin, Kleidi, noop_plugin
+from tests.conftest import wait_for
 
 IDENTITY_CONFIG = """\
 apiVersion: apiserver.config.k8s.io/v1
@@ -39,7 +40,7 @@ def _start_and_wait(api: Any) -> float:
         except (OSError, ssl.SSLError):
             return False
 
-    wait_until(ready, 120, "kube-apiserver /readyz", interval=0.05)
+    wait_for(ready, 120, "kube-apiserver /readyz", interval=0.05)
     return time.monotonic() - began
 
 
@@ -81,7 +82,7 @@ def run_mode(mode: str, secrets: int, concurrency: int, loadgen: Path, binary: s
             config = plane.encryption_config(kleidi.process)
         api = plane.apiserver(config=config, start=False)
         out["start_ready_s"] = round(_start_and_wait(api), 2)
-        wait_until(lambda: api.get("/api/v1/namespaces/default")[0] == 200, 60, "the default namespace")
+        wait_for(lambda: api.get("/api/v1/namespaces/default")[0] == 200, 60, "the default namespace")
         kube = ["-server", api.url, "-token", TOKEN, "-ca", str(api.dir / "certs" / "apiserver.crt")]
         m0 = kleidi.metrics() if kleidi else {}
         monitor = procmon.Monitor(kleidi.pid).start() if kleidi else None

@@ -103,14 +103,3 @@ def command_output(args: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return (result.stdout or result.stderr).strip()
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)

@@ -14,7 +14,6 @@ import (
 	"net/http"
 	"os"
 	"sort"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -77,43 +76,31 @@ func runSecretsCreate(args []string) error {
 	}
 	path := fmt.Sprintf("/api/v1/namespaces/%s/secrets", *k.namespace)
 	lat := make([]time.Duration, *n)
-	var next, failed atomic.Int64
+	var failed atomic.Int64
 	var firstErr atomic.Value
-	var wg sync.WaitGroup
 	begin := time.Now()
-	for w := 0; w < *concurrency; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(*n) {
-					return
-				}
-				data := make([]byte, *size)
-				_, _ = rand.Read(data)
-				body, _ := json.Marshal(map[string]any{"apiVersion": "v1", "kind": "Secret",
-					"metadata": map[string]any{"name": fmt.Sprintf("%s-%06d", *prefix, i)},
-					"data":     map[string]string{"value": base64.StdEncoding.EncodeToString(data)}})
-				req, _ := k.request("POST", path, body)
-				t0 := time.Now()
-				resp, err := client.Do(req)
-				if err == nil {
-					msg, _ := io.ReadAll(resp.Body)
-					resp.Body.Close()
-					if resp.StatusCode != http.StatusCreated {
-						err = fmt.Errorf("HTTP %d: %.300s", resp.StatusCode, msg)
-					}
-				}
-				lat[i] = time.Since(t0)
-				if err != nil {
-					failed.Add(1)
-					firstErr.CompareAndSwap(nil, err.Error())
-				}
+	forEach(*n, *concurrency, func(i int) {
+		data := make([]byte, *size)
+		_, _ = rand.Read(data)
+		body, _ := json.Marshal(map[string]any{"apiVersion": "v1", "kind": "Secret",
+			"metadata": map[string]any{"name": fmt.Sprintf("%s-%06d", *prefix, i)},
+			"data":     map[string]string{"value": base64.StdEncoding.EncodeToString(data)}})
+		req, _ := k.request("POST", path, body)
+		t0 := time.Now()
+		resp, err := client.Do(req)
+		if err == nil {
+			msg, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusCreated {
+				err = fmt.Errorf("HTTP %d: %.300s", resp.StatusCode, msg)
 			}
-		}()
-	}
-	wg.Wait()
+		}
+		lat[i] = time.Since(t0)
+		if err != nil {
+			failed.Add(1)
+			firstErr.CompareAndSwap(nil, err.Error())
+		}
+	})
 	seconds := time.Since(begin).Seconds()
 	sort.Slice(lat, func(a, b int) bool { return lat[a] < lat[b] })
 	result := map[string]any{"n": *n, "errors": failed.Load(), "seconds": seconds,

@@ -317,32 +317,19 @@ func runPool(args []string) error {
 	client := pb.NewKeyManagementServiceClient(conn)
 	pool := make([]seedEntry, *n)
 	errs := make([]error, *n)
-	var next atomic.Int64
-	var wg sync.WaitGroup
 	begin := time.Now()
-	for w := 0; w < *concurrency; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(*n) {
-					return
-				}
-				seed := newSeed()
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				resp, err := client.Encrypt(ctx, &pb.EncryptRequest{Plaintext: seed, Uid: uuid.NewString()})
-				cancel()
-				if err != nil {
-					errs[i] = err
-					continue
-				}
-				pool[i] = seedEntry{Seed: seed, Ciphertext: resp.GetCiphertext(), KeyID: resp.GetKeyId(),
-					Annotations: resp.GetAnnotations()}
-			}
-		}()
-	}
-	wg.Wait()
+	forEach(*n, *concurrency, func(i int) {
+		seed := newSeed()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		resp, err := client.Encrypt(ctx, &pb.EncryptRequest{Plaintext: seed, Uid: uuid.NewString()})
+		cancel()
+		if err != nil {
+			errs[i] = err
+			return
+		}
+		pool[i] = seedEntry{Seed: seed, Ciphertext: resp.GetCiphertext(), KeyID: resp.GetKeyId(),
+			Annotations: resp.GetAnnotations()}
+	})
 	for _, err := range errs {
 		if err != nil {
 			return fmt.Errorf("Encrypt failed while building the pool: %w", err)
@@ -365,4 +352,20 @@ func runPool(args []string) error {
 		return err
 	}
 	return printJSON(map[string]any{"n": *n, "seconds": time.Since(begin).Seconds()})
+}
+
+// forEach calls work(i) for every i in [0, n), from `concurrency` goroutines, and returns when all are done.
+func forEach(n, concurrency int, work func(i int)) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for w := 0; w < concurrency; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
+				work(i)
+			}
+		}()
+	}
+	wg.Wait()
 }
