@@ -228,20 +228,19 @@ class SocketGate:
         return self._callers.get(peer)
 
     async def start(self, mode: int, group: str | int | None) -> None:
-        """Bind the public socket (never wider than 0600, even for a moment) and start accepting."""
+        """Bind the public socket (never wider than 0600, even for a moment) and start accepting. If
+        this fails, :meth:`close` cleans up."""
         endpoint.prepare_path(self.public)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
         try:
-            sock.bind(f"\0{self.public.abstract_name}" if self.public.abstract_name is not None
-                      else str(self.public.path))
+            with endpoint.owner_only_umask():
+                sock.bind(f"\0{self.public.abstract_name}" if self.public.abstract_name is not None
+                          else str(self.public.path))
         except OSError as exc:
             sock.close()
             raise ConfigError(f"server.endpoint: cannot bind {self.public}: {exc.strerror}; fix: check that the "
                               "directory exists and is writable") from None
-        finally:
-            os.umask(old_umask)
-        self.inode = endpoint.inode_of(self.public)
+        self.inode = endpoint.inode_of(self.public)  # from here on, close() removes the socket file
         try:
             endpoint.restrict(self.public, mode, group)
             sock.listen(1024)
@@ -249,7 +248,6 @@ class SocketGate:
             self._server = await asyncio.get_running_loop().create_unix_server(self._accept, sock=sock)
         except BaseException:
             sock.close()
-            endpoint.remove(self.public, self.inode)
             raise
 
     def _accept(self) -> asyncio.Protocol:

@@ -9,7 +9,7 @@ import os
 import pwd
 import socket as _socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -135,6 +135,17 @@ def resolve_uid(value: int | str) -> int:
 
 def resolve_gid(value: int | str) -> int:
     return _resolve_id(value, lambda name: grp.getgrnam(name).gr_gid, "group")
+
+
+@contextlib.contextmanager
+def owner_only_umask() -> Iterator[None]:
+    """Create files (sockets) with mode 0600 at most: a socket must never exist with a wider mode,
+    even for the moment between bind and :func:`restrict`."""
+    old_umask = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(old_umask)
 
 
 def restrict(endpoint: Endpoint, mode: int, group: str | int | None) -> None:

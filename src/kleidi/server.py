@@ -142,23 +142,19 @@ class Server:
         v2_grpc.add_KeyManagementServiceServicer_to_server(v2_servicer, server)
         if server_settings.enable_v1beta1:
             v1_grpc.add_KeyManagementServiceServicer_to_server(KMSv1beta1Servicer(envelope_service, callers), server)
-        if self.gate is not None:
-            # gRPC listens inside the gate's private directory; the gate owns the public socket.
-            try:
+        if self.gate is None:
+            endpoint.prepare_path(self.endpoint)
+        try:
+            if self.gate is not None:
+                # gRPC listens inside the gate's private directory; the gate owns the public socket.
                 await self._bind_grpc(server, self.gate.private_address)
                 await self.gate.start(server_settings.socket_mode, server_settings.socket_group)
-            except BaseException:
-                await server.stop(None)
-                await self._release_socket()
-                raise
-            log.info("callers authenticated by SO_PEERCRED: allowed %s; gRPC server behind it on %s",
-                     self.gate.policy.describe(), self.gate.private_path)
-            return server
-        endpoint.prepare_path(self.endpoint)
-        await self._bind_grpc(server, self.endpoint.grpc_address)
-        self._inode = endpoint.inode_of(self.endpoint)
-        try:
-            endpoint.restrict(self.endpoint, server_settings.socket_mode, server_settings.socket_group)
+                log.info("callers authenticated by SO_PEERCRED: allowed %s; gRPC server behind it on %s",
+                         self.gate.policy.describe(), self.gate.private_path)
+            else:
+                await self._bind_grpc(server, self.endpoint.grpc_address)
+                self._inode = endpoint.inode_of(self.endpoint)
+                endpoint.restrict(self.endpoint, server_settings.socket_mode, server_settings.socket_group)
         except BaseException:
             await server.stop(None)
             await self._release_socket()
@@ -172,9 +168,7 @@ class Server:
             endpoint.remove(self.endpoint, self._inode)
 
     async def _bind_grpc(self, server: grpc.aio.Server, address: str) -> None:
-        # The socket must never exist with a wider mode, even for a moment: bind under a tight umask.
-        old_umask = os.umask(0o177)
-        try:
+        with endpoint.owner_only_umask():
             try:
                 port = server.add_insecure_port(address)
             except RuntimeError:  # grpcio raises instead of returning 0
@@ -183,8 +177,6 @@ class Server:
                 raise ConfigError(f"server.endpoint: cannot bind {self.endpoint}; fix: check that the directory "
                                   "exists and is writable")
             await server.start()
-        finally:
-            os.umask(old_umask)
 
     def _live(self) -> tuple[bool, str]:
         """/livez: the gRPC server answers Status on its socket (Status never calls the backend, so a
