@@ -128,6 +128,25 @@ class ServerSettings(_Settings):
     """Lock kleidi's memory in RAM (mlockall), so that no seed or key is ever written to swap.
     Needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK; if the lock fails, kleidi does not start."""
 
+    runtime_dir: Path | None = None
+    """Directory for kleidi's private runtime files (the gRPC server's socket behind the caller
+    gate, and its relay sockets), in a fresh 0700 subdirectory that is removed at shutdown and, if
+    kleidi was killed, at the next start. null: $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=)
+    if set, else the socket's own directory (for an abstract socket: the temporary directory).
+    Must be writable by kleidi's user; it may be on a tmpfs under a read-only root filesystem."""
+
+    max_refused_connections: int = Field(default=64, ge=1, le=65536)
+    """Connections from refused callers held open at once (each is kept only until its
+    PERMISSION_DENIED answer is sent); more are closed at once, and counted."""
+
+    refused_timeout: Duration = 2.0
+    """How long a refused caller's connection may stay open waiting for its first call."""
+
+    refusal_report_interval: Duration = 60.0
+    """Refusals are logged and audited once per caller (uid) per interval: the first one at once,
+    the rest as one record with their count at the end of the interval, so that a flood of refused
+    connections cannot flood the log or push legitimate records out of the audit log."""
+
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_unix(cls, value: str) -> str:
@@ -178,6 +197,20 @@ class AuditSettings(_Settings):
     keep: int = Field(default=5, ge=1, le=1000)
     """Rotated files kept."""
 
+    on_failure: Literal["fail_closed", "fail_open"] = "fail_closed"
+    """What kleidi does when a record cannot be written (full disk, I/O error). fail_closed: Encrypt
+    and Decrypt are refused with UNAVAILABLE and Status reports unhealthy until writing works again
+    (no operation goes unrecorded). fail_open: calls are still served and Status stays ok (so the
+    apiserver keeps working), while /readyz, the kleidi_audit_healthy metric and the log report the
+    failure. Either way, no torn record is left: when writing resumes a chained `audit_gap` record
+    says how many records were lost, and `kleidi audit verify` reports the gap."""
+
+    anchor_path: Path | None = None
+    """File in which kleidi keeps the chain's anchor (last sequence number and hash, updated about
+    once a second, at rotation and at stop). Keep it where whoever can write the audit log's
+    directory cannot write (e.g. /var/lib/kleidi/audit.anchor): `kleidi audit verify --anchor`
+    then detects a log cut short, even right after a clean stop. null: no anchor."""
+
 
 class TelemetrySettings(_Settings):
     """Prometheus metrics and health endpoints (/metrics, /livez, /readyz) over plain HTTP."""
@@ -188,6 +221,13 @@ class TelemetrySettings(_Settings):
 
     allow_non_loopback: bool = False
     """Allow `address` to be a non-loopback address (e.g. for a scraper on another host)."""
+
+    max_connections: int = Field(default=32, ge=1, le=4096)
+    """Connections to the listener served at once; more are closed at once. Probes and a scraper
+    need a handful."""
+
+    request_timeout: Duration = 5.0
+    """How long a connection may take to send its request (and receive the answer) before it is closed."""
 
     @field_validator("address")
     @classmethod

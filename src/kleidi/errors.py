@@ -10,6 +10,8 @@
     ├── DecryptionFailed       integrity failure: tampered ciphertext, wrong key_id or annotations
     │                          (gRPC INVALID_ARGUMENT; deliberately says nothing more)
     ├── BackendUnavailable     the KEK cannot be used right now; retry later (gRPC UNAVAILABLE)
+    ├── AuditUnavailable       the audit log cannot be written and audit.on_failure is fail_closed
+    │                          (gRPC UNAVAILABLE)
     └── KeyringError           the local keyring file is missing, unsafe or malformed
 
 Messages never hold plaintext, seeds, keys, tokens or passwords: they are logged and sent to the
@@ -49,6 +51,10 @@ class DecryptionFailed(KleidiError):
 
 class BackendUnavailable(KleidiError):
     """The backend cannot be used now; the operation may succeed later."""
+
+
+class AuditUnavailable(KleidiError):
+    """A record could not be written to the audit log, and the policy is to refuse unrecorded calls."""
 
 
 class KeyringError(KleidiError):

@@ -17,6 +17,7 @@ from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from kleidi.callers import PeerCredentials
 from kleidi.errors import (
+    AuditUnavailable,
     BackendUnavailable,
     ConfigError,
     DecryptionFailed,
@@ -37,6 +38,7 @@ GRPC_CODES: dict[type[KleidiError], grpc.StatusCode] = {
     UnknownKey: grpc.StatusCode.NOT_FOUND,
     RetiredKey: grpc.StatusCode.FAILED_PRECONDITION,
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
     KeyringError: grpc.StatusCode.UNAVAILABLE,
     ConfigError: grpc.StatusCode.UNAVAILABLE,  # at run time: e.g. a credential file went missing
 }
