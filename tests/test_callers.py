@@ -11,13 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -25,104 +20,10 @@ import pytest
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from tests.conftest import wait_for
+from tests.hostile.support import NOBODY, audit_records, channel_through, connected_as, shared_kleidi
 from tests.test_telemetry import get, samples, value
 
-NOBODY = 65534
-
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")  # CI runs as root
-
-
-def connected_as(uid: int, gid: int, address: str) -> socket.socket:
-    """A unix socket connected to ``address`` by a process running as uid/gid (no supplementary groups)."""
-    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:  # the child: only system calls, then _exit (no gRPC, no Python clean-up)
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            conn.connect(address)
-            socket.send_fds(there, [b"ok"], [conn.fileno()])
-            code = 0
-        except BaseException as exc:  # report to the parent, never run the parent's code
-            there.sendall(repr(exc).encode()[:200])
-        finally:
-            os._exit(code)
-    there.close()
-    message, fds, _, _ = socket.recv_fds(here, 256, 1)
-    os.waitpid(pid, 0)
-    here.close()
-    if not fds:
-        raise AssertionError(f"the child could not connect as {uid}:{gid}: {message.decode()}")
-    return socket.socket(fileno=fds[0])
-
-
-@contextmanager
-def channel_through(conn: socket.socket, workdir: Path) -> Iterator[v2_grpc.KeyManagementServiceStub]:
-    """A gRPC stub whose one connection is ``conn`` (relayed through a private socket of the test's)."""
-    path = workdir / f"relay-{uuid.uuid4().hex[:8]}.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(1)
-
-    def pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def serve() -> None:
-        try:
-            client, _ = listener.accept()  # grpc-python dials once; this is that connection
-        except OSError:
-            return
-        with client:
-            upward = threading.Thread(target=pump, args=(client, conn), daemon=True)
-            upward.start()
-            pump(conn, client)
-            upward.join(5)
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    channel = grpc.insecure_channel(f"unix://{path}", options=[("grpc.default_authority", "localhost"),
-                                                             ("grpc.enable_retries", 0)])
-    try:
-        yield v2_grpc.KeyManagementServiceStub(channel)
-    finally:
-        channel.close()
-        listener.close()
-        try:
-            conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        server.join(5)
-        conn.close()
-
-
-def audit_records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def shared_kleidi(kleidi_factory: Any, short_dir: Path, wait: bool = True, **server: Any) -> Any:
-    """kleidi on a socket other users can reach by file permissions, so that only the caller check decides."""
-    short_dir.chmod(0o711)
-    proc = kleidi_factory(start=False, settings={
-        "server": {"socket_mode": "0666", **server},
-        "audit": {"path": str(short_dir / "audit.jsonl"), "fsync": "always"},
-    })
-    proc.start(wait=wait)
-    if not wait:
-        wait_for(lambda: "serving KMS" in proc.log(), 20, "kleidi serving")
-    return proc
 
 
 def encrypt(stub: v2_grpc.KeyManagementServiceStub, uid: str) -> v2_pb.EncryptResponse:
