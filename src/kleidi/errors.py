@@ -5,6 +5,7 @@
     KleidiError
     ├── ConfigError            bad or missing configuration; start-up stops with the field and the fix
     ├── InvalidRequest         the caller sent something kleidi refuses (gRPC INVALID_ARGUMENT)
+    ├── CallerRefused          the call did not come through the checked public socket (PERMISSION_DENIED)
     ├── UnknownKey             a key_id kleidi never produced (gRPC NOT_FOUND)
     ├── RetiredKey             a key_id whose KEK version was retired (gRPC FAILED_PRECONDITION)
     ├── DecryptionFailed       integrity failure: tampered ciphertext, wrong key_id or annotations
@@ -31,6 +32,10 @@ class ConfigError(KleidiError):
 
 class InvalidRequest(KleidiError):
     """A request kleidi refuses; the message gives the reason."""
+
+
+class CallerRefused(KleidiError):
+    """The calling process is not allowed, or its call bypassed the caller check."""
 
 
 class UnknownKey(KleidiError):

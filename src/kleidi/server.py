@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 
 from kleidi import __version__, audit, endpoint, logs, telemetry
-from kleidi._proto.kmsv1beta1 import api_pb2_grpc as v1_grpc
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from kleidi.backends.base import Backend, file_stamp
 from kleidi.callers import CallerPolicy, SocketGate
@@ -139,9 +138,9 @@ class Server:
         callers = self.gate.caller if self.gate is not None else None
         envelope_service = EnvelopeService(self.keys)
         v2_servicer = KMSv2Servicer(self.keys, envelope_service, server_settings.status_version, callers)
-        v2_grpc.add_KeyManagementServiceServicer_to_server(v2_servicer, server)
+        server.add_generic_rpc_handlers((v2_servicer.handler(),))
         if server_settings.enable_v1beta1:
-            v1_grpc.add_KeyManagementServiceServicer_to_server(KMSv1beta1Servicer(envelope_service, callers), server)
+            server.add_generic_rpc_handlers((KMSv1beta1Servicer(envelope_service, callers).handler(),))
         if self.gate is None:
             endpoint.prepare_path(self.endpoint)
         try:

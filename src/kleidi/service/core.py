@@ -8,11 +8,9 @@ the key_id) before it calls the backend.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kleidi import telemetry
 from kleidi._crypto import envelope
 from kleidi.backends.base import KeySet, KeyVersion
 from kleidi.errors import BackendUnavailable, DecryptionFailed, InvalidRequest, RetiredKey, UnknownKey
@@ -53,13 +51,6 @@ class EnvelopeService:
             raise BackendUnavailable(f"no keys loaded yet: {self._keys.health.detail}")
         return key_set
 
-    async def _call(self, operation: str, coro: Awaitable[bytes]) -> bytes:
-        try:
-            with telemetry.backend_call(self._keys.backend.kind, operation):
-                async with asyncio.timeout(self._keys.call_timeout):
-                    return await coro
-        except TimeoutError:
-            raise BackendUnavailable("backend did not answer in time") from None
 
     async def encrypt(self, plaintext: bytes, protocol: str = V2) -> Sealed:
         validation.check_plaintext(plaintext)
@@ -67,7 +58,10 @@ class EnvelopeService:
         annotations = ANNOTATIONS if protocol == V2 else {}
         header = envelope.Envelope(envelope.FORMAT_V1, key.version, b"").header()
         aad = envelope.associated_data(header, protocol, key.key_id, annotations)
-        payload = await self._call("wrap", self._keys.backend.wrap(key, plaintext, aad))
+        backend = self._keys.backend
+        payload = await self._keys.call_backend("wrap", lambda: backend.wrap(key, plaintext, aad))
+        if not isinstance(payload, bytes) or not payload:
+            raise BackendUnavailable(f"the {backend.kind} backend returned a malformed ciphertext")
         ciphertext = header + payload
         if protocol == V2 and len(ciphertext) > validation.MAX_CIPHERTEXT_SIZE:
             raise InvalidRequest(f"wrapped seed is {len(ciphertext)} bytes, over the apiserver's "
@@ -101,7 +95,14 @@ class EnvelopeService:
         if sealed.key_version != key.version:
             raise DecryptionFailed()
         aad = envelope.associated_data(sealed.header(), V2, key_id, annotations)
-        return await self._call("unwrap", self._keys.backend.unwrap(key, sealed.payload, aad))
+        return await self._unwrap(key, sealed.payload, aad)
+
+    async def _unwrap(self, key: KeyVersion, payload: bytes, aad: bytes) -> bytes:
+        backend = self._keys.backend
+        plaintext = await self._keys.call_backend("unwrap", lambda: backend.unwrap(key, payload, aad))
+        if not isinstance(plaintext, bytes) or not 0 < len(plaintext) <= validation.MAX_PLAINTEXT_SIZE:
+            raise BackendUnavailable(f"the {backend.kind} backend returned a malformed plaintext")
+        return plaintext
 
     async def decrypt_v1beta1(self, ciphertext: bytes) -> bytes:
         """KMS v1 Decrypt: no key_id on the wire, so the envelope's key version selects the KEK."""
@@ -115,4 +116,4 @@ class EnvelopeService:
                                  "longer be decrypted")
             raise UnknownKey(f"no KEK version {sealed.key_version} in this kleidi's {self._keys.backend.kind} backend")
         aad = envelope.associated_data(sealed.header(), V1BETA1, key.key_id, {})
-        return await self._call("unwrap", self._keys.backend.unwrap(key, sealed.payload, aad))
+        return await self._unwrap(key, sealed.payload, aad)

@@ -8,15 +8,19 @@ import hmac
 import logging
 import os
 import time
+import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kleidi import audit, telemetry
 from kleidi.backends.base import Backend, KeySet, KeyVersion
-from kleidi.errors import KleidiError
+from kleidi.errors import BackendUnavailable, KleidiError
 
 log = logging.getLogger("kleidi.keys")
 
 _PROBE_AAD = b"kleidi health probe"
+T = TypeVar("T")
 
 
 async def round_trip(backend: Backend, key: KeyVersion) -> None:
@@ -81,17 +85,36 @@ class KeyManager:
         self._force = True
         self._wake.set()
 
+    async def call_backend(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One use of the backend: timed, counted, bounded by ``call_timeout``. Whatever goes wrong
+        ends as a :class:`KleidiError` (a foreign exception, e.g. from a malformed answer, as
+        :class:`BackendUnavailable` with a neutral message, its traceback logged)."""
+        backend = self.backend
+        try:
+            with telemetry.backend_call(backend.kind, operation):
+                async with asyncio.timeout(self.call_timeout):
+                    return await call()
+        except KleidiError:
+            raise
+        except TimeoutError:
+            raise BackendUnavailable("backend did not answer in time") from None
+        except Exception as exc:
+            # The message of a foreign exception may quote what the backend sent: log where, not what.
+            log.error("the %s backend failed with an unexpected %s during %s", backend.kind, type(exc).__name__,
+                      operation, extra={"fields": {"traceback": "".join(traceback.format_tb(exc.__traceback__))}})
+            raise BackendUnavailable(f"the {backend.kind} backend failed unexpectedly during {operation} "
+                                     f"({type(exc).__name__}); see the kleidi log") from None
+
     async def refresh(self, fatal: tuple[type[Exception], ...] = (), force: bool = False) -> KeySet | None:
         """Re-read the key set; errors make Status unhealthy but keep the last good keys, except
         those in ``fatal`` (used at start-up), which propagate."""
+        backend = self.backend
         try:
-            with telemetry.backend_call(self.backend.kind, "load_keys"):
-                async with asyncio.timeout(self.call_timeout):
-                    key_set = await self.backend.load_keys(force=force)
+            key_set = await self.call_backend("load_keys", lambda: backend.load_keys(force=force))
         except fatal:
             raise
-        except (KleidiError, TimeoutError) as exc:
-            reason = str(exc) if isinstance(exc, KleidiError) else "backend did not answer in time"
+        except KleidiError as exc:
+            reason = str(exc)
             if reason != self._refresh_error:
                 log.error("cannot load keys from %s: %s", self.backend.describe(), reason)
             self._refresh_error = reason
@@ -109,11 +132,11 @@ class KeyManager:
                 telemetry.ROTATIONS.inc()
                 audit.emit("key_rotation", key_id=key_set.current.key_id, previous_key_id=previous.current.key_id,
                            backend=self.backend.kind)
-        for key_id in sorted(set(key_set.retired) - set(previous.retired if previous else key_set.retired)):
-            audit.emit("key_retired", key_id=key_id, backend=self.backend.kind)
             log.info("current KEK: key_id %s (version %d)", key_set.current.key_id, key_set.current.version,
                      extra={"fields": {"key_id": key_set.current.key_id,
                                        "previous_key_id": previous.current.key_id if previous else None}})
+        for key_id in sorted(set(key_set.retired) - set(previous.retired if previous else key_set.retired)):
+            audit.emit("key_retired", key_id=key_id, backend=self.backend.kind)
         if key_set.generation != self._probed_generation or (recovered and self._probe_error is not None):
             await self.probe()
         self._publish()
@@ -134,13 +157,11 @@ class KeyManager:
         key_set = self.key_set
         if key_set is None:
             return
+        backend = self.backend
         try:
-            with telemetry.backend_call(self.backend.kind, "probe"):
-                async with asyncio.timeout(self.call_timeout):
-                    await round_trip(self.backend, key_set.current)
-        except (KleidiError, TimeoutError) as exc:
-            reason = str(exc) if isinstance(exc, KleidiError) else "backend did not answer in time"
-            reason = f"health probe failed: {reason}"
+            await self.call_backend("probe", lambda: round_trip(backend, key_set.current))
+        except KleidiError as exc:
+            reason = f"health probe failed: {exc}"
             if reason != self._probe_error:
                 log.error("%s (%s)", reason, self.backend.describe())
             self._probe_error = reason
@@ -153,7 +174,8 @@ class KeyManager:
         self._publish()
 
     async def run(self) -> None:
-        """Refresh and probe forever; cancel to stop."""
+        """Refresh and probe forever; cancel to stop. Nothing ends the loop but cancellation: a
+        failure of one round is reported (log, Status unhealthy) and the next round tries again."""
         next_probe = time.monotonic() + self.probe_interval
         while True:
             with contextlib.suppress(TimeoutError):
@@ -161,7 +183,15 @@ class KeyManager:
                     await self._wake.wait()
             self._wake.clear()
             force, self._force = self._force, False
-            await self.refresh(force=force)
-            if time.monotonic() >= next_probe:
-                await self.probe()
-                next_probe = time.monotonic() + self.probe_interval
+            try:
+                await self.refresh(force=force)
+                if time.monotonic() >= next_probe:
+                    await self.probe()
+                    next_probe = time.monotonic() + self.probe_interval
+            except Exception as exc:
+                reason = f"key refresh failed unexpectedly ({type(exc).__name__}); see the kleidi log"
+                if reason != self._refresh_error:
+                    log.error("%s", reason, extra={"fields": {
+                        "traceback": "".join(traceback.format_tb(exc.__traceback__))}})
+                self._refresh_error = reason
+                self._publish()

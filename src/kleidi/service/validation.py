@@ -63,3 +63,17 @@ def check_annotations(annotations: Mapping[str, bytes]) -> None:
         total += len(key.encode()) + len(value)
     if total > MAX_ANNOTATIONS_SIZE:
         raise InvalidRequest(f"annotations total {total} bytes, over the limit of {MAX_ANNOTATIONS_SIZE}")
+
+
+MAX_LOGGED_FIELD = 128
+"""Request-supplied text (the apiserver's uid, a key_id) is logged and audited up to this length: the
+apiserver sends a 36-character UUID and kleidi's key_ids are shorter than this."""
+
+
+def loggable(text: str, limit: int = MAX_LOGGED_FIELD) -> str:
+    """``text`` as kleidi logs and audits it: at most ``limit`` characters, with control and other
+    non-printable characters escaped, so that a caller can neither flood the logs nor forge lines."""
+    clipped = text[:limit]
+    if not clipped.isprintable():
+        clipped = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in clipped)
+    return clipped if len(text) <= limit else f"{clipped}...(+{len(text) - limit} chars)"
