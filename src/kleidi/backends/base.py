@@ -16,6 +16,10 @@ from typing import ClassVar
 
 FileStamp = tuple[int, int, int, int]
 
+MAX_PLAINTEXT_SIZE = 512
+"""The largest seed a backend is asked to wrap (the apiserver sends 32 bytes); an unwrap that
+returns more (or nothing) is a malformed answer."""
+
 
 def stat_stamp(st: os.stat_result) -> FileStamp:
     """What changes when a file is rewritten or replaced: device, inode, mtime, size."""

@@ -22,6 +22,7 @@ import base64
 import json as json_module
 import logging
 import os
+import re
 import ssl
 import time
 from abc import ABC, abstractmethod
@@ -34,7 +35,7 @@ import aiohttp
 
 from kleidi import audit, telemetry
 from kleidi._crypto.keyid import derive_key_id
-from kleidi.backends.base import Backend, FileStamp, KeySet, KeyVersion, file_stamp
+from kleidi.backends.base import MAX_PLAINTEXT_SIZE, Backend, FileStamp, KeySet, KeyVersion, file_stamp
 from kleidi.backends.batching import Coalescer
 from kleidi.config import (
     VaultAppRoleAuth,
@@ -123,7 +124,7 @@ class _TokenFileAuth(_Authenticator):
         stamp = self.stamp()
         value = _read_secret(self.settings.token_file, self.settings.token_env, "token")
         data = _data(await client.call("GET", "auth/token/lookup-self", token=value), "ttl")
-        return _Token(value=value, lease=float(data.get("ttl") or 0), renewable=bool(data.get("renewable")),
+        return _Token(value=value, lease=_seconds(data.get("ttl"), "data.ttl"), renewable=data.get("renewable") is True,
                       obtained=time.monotonic(), source_stamp=stamp)
 
 
@@ -138,11 +139,12 @@ class _LoginAuth(_Authenticator):
 
     async def login(self, client: _VaultHTTP) -> _Token:
         body = await client.call("POST", f"auth/{self.mount}/login", json=self.payload(), token=None)
-        auth = body.get("auth") or {}
-        if not auth.get("client_token"):
-            raise BackendUnavailable(f"login at auth/{self.mount} returned no token")
-        return _Token(value=auth["client_token"], lease=float(auth.get("lease_duration") or 0),
-                      renewable=bool(auth.get("renewable")), obtained=time.monotonic())
+        auth = body.get("auth")
+        token = auth.get("client_token") if isinstance(auth, dict) else None
+        if not isinstance(auth, dict) or not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
+            raise BackendUnavailable(f"login at auth/{self.mount} returned no usable token")
+        return _Token(value=token, lease=_seconds(auth.get("lease_duration"), "auth.lease_duration"),
+                      renewable=auth.get("renewable") is True, obtained=time.monotonic())
 
 
 class _AppRoleAuth(_LoginAuth):
@@ -245,7 +247,7 @@ class _VaultHTTP:
             body = {}
         if status >= 300:
             errors = body.get("errors") if isinstance(body, dict) else None
-            raise VaultError(status, [str(e) for e in errors or []])
+            raise VaultError(status, [str(e) for e in errors[:3]] if isinstance(errors, list) else [])
         if not isinstance(body, dict):
             raise BackendUnavailable(f"Vault answered {status} with a body that is not a JSON object")
         return body
@@ -316,7 +318,8 @@ class _VaultHTTP:
         except VaultError as exc:
             log.warning("Vault token renewal failed (%s); logging in again", exc)
             return False
-        lease = float((body.get("auth") or {}).get("lease_duration") or 0)
+        auth = body.get("auth")
+        lease = _seconds(auth.get("lease_duration") if isinstance(auth, dict) else None, "auth.lease_duration")
         # A lease cut short by the token's max TTL is no real renewal: log in afresh when we can.
         if lease < min(token.lease / 2, 5.0) and self.auth.can_login_again:
             return False
@@ -382,6 +385,59 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+# Every answer is untrusted input: whatever listens at backend.address may not be Vault, or may be
+# hostile. These checks turn a malformed answer into BackendUnavailable with a neutral reason.
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,4096}")  # a token goes into a header: printable ASCII, bounded
+_TRANSIT_CIPHERTEXT_RE = re.compile(r"vault:v[0-9]{1,10}:[A-Za-z0-9+/=:_-]{1,2048}")
+_MAX_VERSION = 2**32 - 1  # the envelope header's field
+
+
+def _malformed(what: str) -> BackendUnavailable:
+    return BackendUnavailable(f"unexpected answer from Vault: {what} is malformed")
+
+
+def _seconds(value: Any, what: str) -> float:
+    """A lease or TTL in seconds; missing means 0 (never expires)."""
+    if value is None or value == "":
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 10**10:
+        raise _malformed(what)
+    return float(value)
+
+
+def _version(value: Any, what: str) -> int:
+    """A Transit key version: JSON numbers, or the decimal strings Vault uses as map keys."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_VERSION:
+        raise _malformed(what)
+    return value
+
+
+def _key_versions(value: Any) -> dict[int, str]:
+    """``data.keys`` of a Transit key: version -> creation time (a string, or a number for old keys)."""
+    if not isinstance(value, dict) or len(value) > 100_000:
+        raise _malformed("data.keys")
+    versions: dict[int, str] = {}
+    for version, created in value.items():
+        if isinstance(created, bool) or not isinstance(created, str | int) or len(str(created)) > 64:
+            raise _malformed("data.keys")
+        versions[_version(version, "data.keys")] = str(created)
+    return versions
+
+
+def _plaintext(answer: Any) -> bytes:
+    if not isinstance(answer, str) or len(answer) > 4 * MAX_PLAINTEXT_SIZE:
+        raise _malformed("the decrypted plaintext")
+    try:
+        plaintext = base64.b64decode(answer, validate=True)
+    except ValueError:
+        raise _malformed("the decrypted plaintext") from None
+    if not 0 < len(plaintext) <= MAX_PLAINTEXT_SIZE:
+        raise _malformed("the decrypted plaintext")
+    return plaintext
+
+
 class VaultBackend(Backend):
     """Seeds wrapped by a Vault/OpenBao Transit key; Transit key versions are kleidi's KEK versions."""
 
@@ -418,16 +474,18 @@ class VaultBackend(Backend):
                 raise BackendUnavailable(f"Transit key {self._mount}/{self._key} does not exist; fix: create it "
                                          f"(`vault write -f {self._mount}/keys/{self._key}`)") from None
             raise BackendUnavailable(str(exc)) from None
-        if not data.get("supports_encryption", True):
+        if data.get("supports_encryption", True) is not True:
             raise BackendUnavailable(f"Transit key {self._key} is of type {data.get('type')}, which cannot encrypt; "
                                      "fix: use an aes256-gcm96 key")
-        self._aead = data.get("type") in AEAD_KEY_TYPES
+        key_type = data.get("type")
+        self._aead = isinstance(key_type, str) and key_type in AEAD_KEY_TYPES
         if not self._aead and not self._warned_non_aead:
             self._warned_non_aead = True
             log.warning("Transit key %s is of type %s, which cannot bind associated data: ciphertexts are not "
                         "bound to their key_id and annotations; prefer aes256-gcm96", self._key, data.get("type"))
-        observed = {int(v): str(created) for v, created in (data.get("keys") or {}).items()}
-        latest, min_decrypt = int(data["latest_version"]), int(data.get("min_decryption_version") or 1)
+        observed = _key_versions(data.get("keys") or {})
+        latest = _version(data["latest_version"], "data.latest_version")
+        min_decrypt = _version(data.get("min_decryption_version") or 1, "data.min_decryption_version")
         same_lineage = all(self._created.get(v, c) == c for v, c in observed.items())
         if not same_lineage:  # the key was deleted and re-created: a new lineage, new key_ids
             log.warning("Transit key %s was re-created (version creation times changed)", self._key)
@@ -485,6 +543,8 @@ class VaultBackend(Backend):
             raise
         if not isinstance(results, list) or len(results) != len(items):
             raise BackendUnavailable("unexpected answer from Vault: batch_results does not match batch_input")
+        if not all(isinstance(r, dict) for r in results):
+            raise _malformed("batch_results")
         return [VaultError(400, [str(r["error"])]) if r.get("error") else r.get(field) for r in results]
 
     async def _encrypt_batch(self, calls: Sequence[tuple[KeyVersion, bytes, bytes]]) -> list[bytes | BaseException]:
@@ -497,10 +557,12 @@ class VaultBackend(Backend):
         for (key, _, _), answer in zip(calls, answers, strict=True):
             if isinstance(answer, VaultError):
                 results.append(BackendUnavailable(f"Transit encrypt failed: {answer}"))
-            elif not str(answer).startswith(f"vault:v{key.version}:"):
+            elif not isinstance(answer, str) or not _TRANSIT_CIPHERTEXT_RE.fullmatch(answer):
+                results.append(_malformed("the Transit ciphertext"))
+            elif not answer.startswith(f"vault:v{key.version}:"):
                 results.append(BackendUnavailable(f"Transit encrypted with another version than {key.version}"))
             else:
-                results.append(str(answer).encode())
+                results.append(answer.encode())
         return results
 
     async def _decrypt_batch(self, calls: Sequence[tuple[KeyVersion, bytes, bytes]]) -> list[bytes | BaseException]:
@@ -509,8 +571,14 @@ class VaultBackend(Backend):
             answers = await self._transit("decrypt", items, "plaintext")
         except VaultError as exc:
             raise BackendUnavailable(f"Transit decrypt failed: {exc}") from None
-        return [self._decrypt_error(key, answer) if isinstance(answer, VaultError) else base64.b64decode(answer)
-                for (key, _, _), answer in zip(calls, answers, strict=True)]
+        results: list[bytes | BaseException] = []
+        for (key, _, _), answer in zip(calls, answers, strict=True):
+            try:
+                results.append(self._decrypt_error(key, answer) if isinstance(answer, VaultError)
+                               else _plaintext(answer))
+            except BackendUnavailable as exc:
+                results.append(exc)
+        return results
 
     @staticmethod
     def _decrypt_error(key: KeyVersion, exc: VaultError) -> KleidiError:

@@ -156,8 +156,11 @@ async def _handled(context: grpc.aio.ServicerContext[Any, Any], method: str, req
             if status == grpc.StatusCode.OK:
                 status, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
     elapsed = time.perf_counter() - started
-    telemetry.REQUESTS.labels(method, status.name).inc()
-    telemetry.REQUEST_SECONDS.labels(method, status.name).observe(elapsed)
+    try:
+        telemetry.REQUESTS.labels(method, status.name).inc()
+        telemetry.REQUEST_SECONDS.labels(method, status.name).observe(elapsed)
+    except Exception as exc:  # a metric must never change the answer
+        _foreign_failure(f"{method} metrics", exc)
     if status == grpc.StatusCode.OK:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s ok", method, extra={"fields": {"method": method, "uid": uid, "code": "OK",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from kleidi.backends import base as backends
 from kleidi.errors import InvalidRequest
 
 MAX_CIPHERTEXT_SIZE = 1024
@@ -13,7 +14,7 @@ MAX_KEY_ID_SIZE = 1024
 """key_id: 1..1024 bytes (KeyIDMaxSize)."""
 MAX_ANNOTATIONS_SIZE = 32 * 1024
 """Sum of len(key) + len(value) over all annotations (annotationsMaxSize)."""
-MAX_PLAINTEXT_SIZE = 512
+MAX_PLAINTEXT_SIZE = backends.MAX_PLAINTEXT_SIZE
 """The apiserver sends a 32-byte seed (v1beta1: a 32-byte DEK, or "ping"); 512 leaves room for
 longer seeds while keeping every envelope under the 1024-byte ciphertext limit."""
 
