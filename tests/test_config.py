@@ -311,6 +311,10 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
         "allowed_gids": [],
         "event_loop": "uvloop",
         "lock_memory": False,
+        "runtime_dir": None,
+        "max_refused_connections": 64,
+        "refused_timeout": 2.0,
+        "refusal_report_interval": 60.0,
     },
     "logging": {
         "level": "info",
@@ -319,6 +323,8 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
     "telemetry": {
         "address": "127.0.0.1:9464",
         "allow_non_loopback": False,
+        "max_connections": 32,
+        "request_timeout": 5.0,
     },
     "audit": {
         "path": None,
@@ -326,6 +332,8 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
         "fsync": "interval",
         "max_bytes": 100 * 1024 * 1024,
         "keep": 5,
+        "on_failure": "fail_closed",
+        "anchor_path": None,
     },
     "backend": {
         "kind": "local",

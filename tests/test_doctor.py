@@ -36,7 +36,8 @@ def test_a_healthy_setup_passes_every_check(kleidi_factory: Any, short_dir: Path
     assert code == 0
     assert {name: c["result"] for name, c in checks.items()} == {
         "config": "pass", "keyring file": "pass", "backend reachable": "pass", "encrypt/decrypt round trip": "pass",
-        "socket permissions": "pass", "kleidi answers": "pass", "EncryptionConfiguration": "pass"}
+        "socket directory": "pass", "socket permissions": "pass", "kleidi answers": "pass",
+        "EncryptionConfiguration": "pass"}
     human = run_kleidi("doctor", "--config", str(proc.config_path))
     assert human.returncode == 0 and "kleidi doctor" in human.stdout
 

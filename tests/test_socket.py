@@ -29,9 +29,10 @@ SEED = bytes(range(32))
 
 
 def _serve_once(keyring: Path, socket_path: Path | str) -> tuple[int, str]:
-    """Run ``kleidi serve`` expecting it to refuse to start (it exits by itself)."""
+    """Run ``kleidi serve`` expecting it to refuse to start (it exits by itself). Its runtime
+    directory is the keyring's, so that what is refused is the socket path."""
     result = run_kleidi("serve", "--keyring", str(keyring), "--endpoint", f"unix://{socket_path}",
-                        "--log-format", "json", timeout=30)
+                        "--log-format", "json", env={"KLEIDI_SERVER__RUNTIME_DIR": str(keyring.parent)}, timeout=30)
     return result.returncode, result.stderr
 
 

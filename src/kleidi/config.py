@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -33,6 +34,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from kleidi.endpoint import parse_endpoint, resolve_gid, resolve_uid
 from kleidi.errors import ConfigError
@@ -58,12 +60,33 @@ def _parse_duration(value: Any) -> Any:
     return value
 
 
+_MODE_RE = re.compile(r"(?:0o)?([0-7]{3,4})")
+
+
 def _parse_mode(value: Any) -> Any:
+    # A YAML integer is refused, not read as octal: PyYAML reads 0600 (YAML 1.1 octal) as 384 and
+    # 600 as decimal 600 (0o1130), and after parsing nothing tells the two apart.
+    if isinstance(value, bool | int | float):
+        raise PydanticCustomError(
+            "mode_not_a_string", "a file mode must be an octal string: an unquoted number is ambiguous in YAML "
+            "(0600 is read as 384, 600 as decimal 600); fix: quote it: \"0600\"")
     if isinstance(value, str):
-        if not re.fullmatch(r"0?o?[0-7]{3,4}", value.strip()):
+        match = _MODE_RE.fullmatch(value.strip())
+        if not match:
             raise ValueError(f"expected an octal file mode such as \"0600\", got {value!r}")
-        return int(value.strip().replace("o", ""), 8)
+        mode = int(match.group(1), 8)
+        if mode > 0o777:
+            raise ValueError("the mode sets setuid, setgid or sticky bits, which kleidi never needs; "
+                             "fix: use three octal digits such as \"0600\"")
+        return mode
     return value
+
+
+def _safe_socket_mode(mode: int) -> int:
+    if mode & 0o111:
+        raise ValueError(f"mode {mode:04o} has execute bits, which mean nothing on a socket; fix: use "
+                         "\"0600\", or \"0660\" with socket_group")
+    return mode
 
 
 # The JSON Schema describes what a config file may hold (numbers or strings with a unit, octal
@@ -74,15 +97,46 @@ Duration = Annotated[float, BeforeValidator(_parse_duration),
                      WithJsonSchema({"anyOf": [
                          {"type": "number", "exclusiveMinimum": 0},
                          {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"}]})]
-FileMode = Annotated[int, BeforeValidator(_parse_mode), Field(ge=0, le=0o7777),
+FileMode = Annotated[int, BeforeValidator(_parse_mode),
                      PlainSerializer(lambda v: f"{v:04o}", return_type=str),
-                     WithJsonSchema({"anyOf": [
-                         {"type": "integer", "minimum": 0, "maximum": 0o7777},
-                         {"type": "string", "pattern": r"^\s*0?o?[0-7]{3,4}\s*$"}]})]
+                     WithJsonSchema({"type": "string", "pattern": r"^\s*(0o)?[0-7]{3,4}\s*$"})]
+# Read and write bits only (each digit one of 0, 2, 4, 6); whether others may have them depends on
+# authenticate_callers (ServerSettings._socket_mode_is_safe).
+SocketMode = Annotated[FileMode, AfterValidator(_safe_socket_mode),
+                       WithJsonSchema({"type": "string", "pattern": r"^\s*(0o|0)?[0246]{3}\s*$"})]
+
+
+def _check_url(value: Any) -> Any:
+    """No credentials in a URL: the URL is shown in logs, Status, /readyz, doctor and errors."""
+    if not isinstance(value, str):
+        return value  # pydantic's own str check reports it (without echoing it: hide_input_in_errors)
+    scheme, sep, rest = value.strip().partition("://")
+    authority = re.split(r"[/?#]", rest if sep else value.strip(), maxsplit=1)[0]
+    if "@" in authority:
+        shown = f"{scheme}://***@{authority.rpartition('@')[2]}" if sep else f"***@{authority.rpartition('@')[2]}"
+        raise PydanticCustomError(
+            "url_credentials", "the URL holds a user name or password ({shown}), which would be shown in logs, "
+            "Status and errors; fix: remove it from the URL and give the credential in the auth settings "
+            "(backend.auth: a token_file, or an AppRole secret_id_file)", {"shown": shown})
+    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", value.strip()):
+        raise PydanticCustomError(
+            "url_invalid", "expected an http:// or https:// URL without ?query or #fragment, such as "
+            "https://vault.example.com:8200; fix: correct the URL")
+    return value.strip().rstrip("/")
+
+
+Url = Annotated[str, BeforeValidator(_check_url),
+                WithJsonSchema({"type": "string", "format": "uri", "pattern": r"^https?://[^/@\s?#]+(/[^\s?#]*)?$"})]
+"""A server URL, http(s)://host[:port][/path]; refused if it holds credentials (user:password@)."""
+
+_NO_INPUT_ERRORS = frozenset({"url_credentials", "url_invalid", "mode_not_a_string"})
+"""Error types whose input is never printed: it may hold a credential, or it misleads (384 for 0600)."""
 
 
 class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # hide_input_in_errors: str(ValidationError) never shows a value, whatever prints it;
+    # format_validation_error decides what to show.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, hide_input_in_errors=True)
 
 
 class ServerSettings(_Settings):
@@ -92,9 +146,13 @@ class ServerSettings(_Settings):
     """Socket the plugin listens on: unix:///absolute/path, or unix:///@name for a Linux abstract
     socket. Use the same value as `endpoint` in the EncryptionConfiguration."""
 
-    socket_mode: FileMode = 0o600
-    """Permission bits of the socket file, in octal. The apiserver runs as root, so 0600 is enough;
-    widen only together with socket_group."""
+    socket_mode: SocketMode = 0o600
+    """Permission bits of the socket file, as a quoted octal string ("0600"; an unquoted YAML number
+    is refused, since 0600 and 600 would both be misread). The apiserver runs as root, so 0600 is
+    enough; widen only together with socket_group, e.g. "0660". Read and write bits only (no
+    execute, setuid, setgid or sticky bits). Bits for others ("0666") only with
+    authenticate_callers: true, where the caller check decides who may call; without it the file
+    mode is the only check and must be a subset of "0660"."""
 
     socket_group: str | int | None = None
     """Group (name or gid) given to the socket file; null keeps kleidi's own group."""
@@ -152,6 +210,14 @@ class ServerSettings(_Settings):
     def _endpoint_is_unix(cls, value: str) -> str:
         parse_endpoint(value)
         return value
+
+    @model_validator(mode="after")
+    def _socket_mode_is_safe(self) -> ServerSettings:
+        if self.socket_mode & 0o007 and not self.authenticate_callers:
+            raise ValueError(f"socket_mode {self.socket_mode:04o} lets every user on the node connect, and with "
+                             "authenticate_callers: false nothing else checks who calls Decrypt; fix: use \"0600\", "
+                             "or \"0660\" with socket_group, or set authenticate_callers: true")
+        return self
 
     @field_validator("allowed_uids")
     @classmethod
@@ -234,6 +300,10 @@ class TelemetrySettings(_Settings):
     def _host_port(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        if "@" in value:
+            # Not echoed: whatever is before the @ may be a credential.
+            raise PydanticCustomError("url_credentials", "expected host:port such as 127.0.0.1:9464, not a value "
+                                      "with a user name or password (@); fix: give only host:port")
         host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
             raise ValueError(f"expected host:port such as 127.0.0.1:9464, got {value!r}")
@@ -395,8 +465,10 @@ class VaultBackendSettings(_BackendSettings):
     kind: Literal["vault"] = "vault"
     """Backend type."""
 
-    address: str
-    """Server URL, e.g. https://vault.example.com:8200."""
+    address: Url
+    """Server URL, e.g. https://vault.example.com:8200. Never with credentials in it
+    (https://user:password@...): it is shown in logs and Status, so kleidi refuses it; credentials
+    go in `auth`, read from files."""
 
     namespace: str | None = None
     """Vault Enterprise / OpenBao namespace (sent as X-Vault-Namespace); null for the root."""
@@ -421,13 +493,6 @@ class VaultBackendSettings(_BackendSettings):
     """Transit encrypt (or decrypt) requests kleidi keeps open at once. Calls that arrive while that
     many are out are sent together, as one batch_input request, when one returns: a burst costs the
     server a few requests instead of one per call, and a lone call never waits."""
-
-    @field_validator("address")
-    @classmethod
-    def _address_is_http(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"expected a URL such as https://vault.example.com:8200, got {value!r}")
-        return value.rstrip("/")
 
     @field_validator("namespace")
     @classmethod
@@ -493,30 +558,123 @@ def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _env_value(raw: str) -> Any:
-    """Environment values are strings; JSON lists and objects are decoded so they can set lists."""
+_SERVICE_LINK = re.compile(r"KLEIDI_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9]+)*|PORT"
+                           r"|PORT_\d+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)")
+"""The variables Kubernetes injects into every Pod of a namespace with a Service named kleidi
+(enableServiceLinks): not settings, so they are ignored; any other unknown KLEIDI_* is an error."""
+
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file is a few kilobytes; a bound keeps a wrong --config (a log, /dev/zero) from eating memory."""
+
+_MAX_DEPTH = 32
+"""kleidi's settings nest 4 levels (backend.auth.method, lists); far deeper is a mistake or an attack."""
+
+
+def _env_value(name: str, raw: str, nullable: bool) -> Any:
+    """Environment values are strings; JSON lists and objects are decoded so they can set lists, and
+    ``null`` is null for the settings that accept it (as in YAML; an empty value stays empty)."""
     stripped = raw.strip()
+    if nullable and stripped == "null":
+        return None
     if stripped[:1] in "[{":
         try:
             return json.loads(stripped)
         except json.JSONDecodeError:
             return raw
+        except (ValueError, RecursionError):  # a number past int's 4300 digits, or nesting past the stack
+            raise ConfigError(f"environment variable {name} holds JSON with a number too long or nesting too "
+                              f"deep; fix: set {name} to a short list such as [0, 1000]") from None
     return raw
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A document PyYAML would load but kleidi refuses; carries its own fix."""
+
+    def __init__(self, problem: str, mark: Any, fix: str) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+        self.fix = fix
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently), nesting deeper
+    than _MAX_DEPTH (PyYAML recurses until RecursionError) and integers too long to convert."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                raise _Refused(f"nested more than {_MAX_DEPTH} levels deep",
+                               self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                               "kleidi's settings nest a few levels (see docs/configuration.md); remove the "
+                               "extra brackets or indentation")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+            if first is not key_node:
+                raise _Refused(f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                               key_node.start_mark, "keep one of them: YAML loaders disagree on which one wins")
+        return super().construct_mapping(node, deep)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: Any) -> Any:
+    try:
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    except ValueError:  # past Python's 4300-digit limit for int(str)
+        raise _Refused(f"a number with {len(node.value)} digits", node.start_mark,
+                       "no setting takes a number that long; correct the value") from None
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def load_yaml_file(path: Path, what: str) -> Any:
+    """Parse a YAML file kleidi reads (``what``: "config file"), or raise ConfigError naming it and the fix."""
+    try:
+        with open(path, "rb") as stream:
+            raw = stream.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}; fix: check its permissions") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; fix: point at the right "
+                          "file (a config file is a few kilobytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "fix: save it as UTF-8, or point at the right file") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        if isinstance(exc, _Refused):
+            raise ConfigError(f"{what} {path} is refused{at}: {exc.problem}; fix: {exc.fix}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}; "
+                          "fix: correct the YAML syntax there (indentation, quoting, brackets)") from None
+    except RecursionError:  # a backstop: _MAX_DEPTH should stop any nesting first
+        raise ConfigError(f"{what} {path} is nested too deeply; fix: remove the extra nesting") from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; fix: create it (see docs/configuration.md) "
                           f"or point --config / {ENV_CONFIG_FILE} at the right file")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}; fix: check its permissions") from None
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ConfigError(f"config file {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}; "
-                          "fix: correct the YAML syntax there (indentation, quoting, brackets)") from None
+    loaded = load_yaml_file(path, "config file")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -545,13 +703,13 @@ def load_settings(config_file: str | os.PathLike[str] | None = None,
         data = _read_file(path)
         file_label = str(path)
     for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE or _SERVICE_LINK.fullmatch(name):
             continue
         parts = tuple(p.lower() for p in name[len(ENV_PREFIX):].split(ENV_SEPARATOR))
         if not all(parts):
             raise ConfigError(f"environment variable {name} is not a setting path; fix: use "
                               f"{ENV_PREFIX}SECTION{ENV_SEPARATOR}FIELD, e.g. KLEIDI_SERVER__ENDPOINT")
-        _set_path(data, parts, _env_value(raw))
+        _set_path(data, parts, _env_value(name, raw, _accepts_null(parts)))
         origins[parts] = f"environment variable {name}"
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -593,6 +751,35 @@ def _field_info(path: tuple[str, ...]) -> tuple[str | None, list[str]]:
     return description, siblings
 
 
+def _accepts_null(path: tuple[str, ...]) -> bool:
+    """Whether the setting at ``path`` may be null (in any of the models a union stands for)."""
+    candidates: list[type[BaseModel]] = [KleidiSettings]
+    found: list[Any] = []
+    for part in path:
+        found = [model.model_fields[part] for model in candidates if part in model.model_fields]
+        if not found:
+            return False
+        candidates = [m for info in found for m in _models(info.annotation)]
+    return any(_allows_none(info.annotation) for info in found)
+
+
+def _allows_none(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is Annotated:
+        return _allows_none(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_allows_none(arg) for arg in typing.get_args(annotation))
+    return annotation is None or annotation is type(None)
+
+
+_USERINFO = re.compile(r"(^|://|\s)[^\s/?#@]+@")
+
+
+def _shown(value: str) -> str:
+    """A value fit for an error message: any user:password@ cut out, and at most 60 characters."""
+    value = _USERINFO.sub(r"\1***@", value)
+    return value if len(value) <= 60 else f"{value[:40]}... ({len(value)} characters)"
+
+
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
     # Discriminated unions insert their tag ("local", "approle") into the location; drop it.
     tags = set(BACKEND_KINDS) | set(VAULT_AUTH_METHODS)
@@ -628,11 +815,14 @@ def format_validation_error(exc: ValidationError, source: str,
             lines.append(f"  {dotted}{where}: missing `method`; fix: set method to one of: "
                          f"{', '.join(VAULT_AUTH_METHODS)}")
             continue
-        message = str(err["msg"]).removeprefix("Value error, ")
+        message = _USERINFO.sub(r"\1***@", str(err["msg"]).removeprefix("Value error, "))
         given = err.get("input")
-        got = f" (got {given!r})" if isinstance(given, str | int | float | bool) and repr(given) not in message \
-            else ""
-        fix = f"; fix: {' '.join(description.split())}" if description else ""
+        got = ""
+        if err["type"] not in _NO_INPUT_ERRORS and isinstance(given, str | int | float | bool) \
+                and repr(given) not in message:
+            got = f" (got {_shown(given)!r})" if isinstance(given, str) else f" (got {_shown(repr(given))})"
+        # A message that carries its own fix needs no second one from the field's description.
+        fix = f"; fix: {' '.join(description.split())}" if description and "fix:" not in message else ""
         lines.append(f"  {dotted}{where}: {message}{got}{fix}")
     return "\n".join(lines)
 

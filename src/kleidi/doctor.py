@@ -11,11 +11,9 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from kleidi.config import KleidiSettings, load_settings
-from kleidi.endpoint import parse_endpoint
-from kleidi.errors import KleidiError
+from kleidi.config import KleidiSettings, load_settings, load_yaml_file
+from kleidi.endpoint import check_ancestors, parse_endpoint
+from kleidi.errors import ConfigError, KleidiError
 from kleidi.service.keys import round_trip
 
 PASS, FAIL, SKIP = "pass", "FAIL", "skip"
@@ -127,18 +125,23 @@ def _socket(settings: KleidiSettings, expected_key_id: str | None) -> list[Check
     endpoint = parse_endpoint(settings.server.endpoint)
     checks = []
     if endpoint.path is not None:
+        checks.append(_ancestors(endpoint.path, "server.endpoint", "socket directory"))
+    if settings.server.runtime_dir is not None:
+        checks.append(_ancestors(settings.server.runtime_dir, "server.runtime_dir", "runtime directory"))
+    if endpoint.path is not None:
         try:
             st = os.lstat(endpoint.path)
         except FileNotFoundError:
-            return [Check("socket", FAIL, f"{endpoint.path} does not exist: kleidi is not running",
-                          "start kleidi (kleidi serve --config ...)")]
+            return [*checks, Check("socket", FAIL, f"{endpoint.path} does not exist: kleidi is not running",
+                                   "start kleidi (kleidi serve --config ...)")]
         if not stat.S_ISSOCK(st.st_mode):
-            return [Check("socket", FAIL, f"{endpoint.path} is not a socket", "remove it; kleidi creates the socket")]
+            return [*checks, Check("socket", FAIL, f"{endpoint.path} is not a socket",
+                                   "remove it; kleidi creates the socket")]
         mode = stat.S_IMODE(st.st_mode)
         if mode != settings.server.socket_mode:
             checks.append(Check("socket permissions", FAIL, f"{endpoint.path} has mode {mode:04o}, the config says "
                                 f"{settings.server.socket_mode:04o}", "restart kleidi with this config"))
-        elif mode & 0o007:
+        elif mode & 0o007 and not settings.server.authenticate_callers:
             checks.append(Check("socket permissions", FAIL, f"mode {mode:04o} lets every user call Decrypt",
                                 "set server.socket_mode to 0600 (or 0660 with socket_group)"))
         else:
@@ -156,11 +159,24 @@ def _socket(settings: KleidiSettings, expected_key_id: str | None) -> list[Check
     return checks
 
 
+def _ancestors(path: Path, what: str, name: str) -> Check:
+    try:
+        check_ancestors(path, what)
+    except ConfigError as exc:
+        detail, _, fix = str(exc).partition("; fix: ")
+        return Check(name, FAIL, detail, fix)
+    return Check(name, PASS, f"{path}: every directory above it is writable only by root or kleidi's user")
+
+
 def _encryption_config(settings: KleidiSettings, path: Path) -> Check:
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = load_yaml_file(path, "EncryptionConfiguration")
+    except ConfigError as exc:
+        detail, _, fix = str(exc).partition("; fix: ")
+        return Check("EncryptionConfiguration", FAIL, detail, fix or "generate it with kleidi encryption-config")
+    try:
         providers = [p["kms"] for r in doc["resources"] for p in r["providers"] if "kms" in p]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         return Check("EncryptionConfiguration", FAIL, f"cannot read {path}: {type(exc).__name__}: {exc}",
                      "generate it with kleidi encryption-config")
     mine = [p for p in providers if p.get("endpoint") == settings.server.endpoint]

@@ -46,6 +46,10 @@ def parse_endpoint(url: str) -> Endpoint:
     socket ``name``. Anything else raises :class:`ConfigError` with the fix.
     """
     parsed = urlparse(url)
+    if "@" in parsed.netloc:
+        # Not echoed: whatever is before the @ may be a credential.
+        raise ValueError("endpoint holds a user name or password (user@); a unix socket has neither; fix: use "
+                         "unix:///absolute/path")
     if parsed.scheme != "unix":
         raise ValueError(f"endpoint must start with unix:// (the apiserver only speaks to unix sockets), got {url!r}")
     if parsed.netloc:
@@ -81,25 +85,117 @@ def _is_listening(path: Path) -> bool:
     return True
 
 
+_MAX_SYMLINKS = 40  # as the kernel's own limit for one path lookup
+
+
+def check_ancestors(path: Path, what: str) -> None:
+    """Refuse ``path`` if anyone but root or kleidi's own user could replace it or a directory above it.
+
+    Whoever can rename a directory on the way (even one of kleidi's own 0700 ones, by writing its
+    parent) can move it away and put their own in its place: a socket of theirs then receives the
+    apiserver's seeds. So, as OpenSSH does for key files, every directory from / down to ``path``
+    (and ``path`` itself if it is a directory) must be owned by root or kleidi's user, and not
+    writable by group or others unless sticky (like /tmp's 1777, where only an entry's owner may
+    rename it). A group-writable directory is refused even when root owns it, as OpenSSH does: who
+    is in a group is beyond kleidi's control. The walk uses lstat, component by component: a
+    symlink on the way must be owned by root or kleidi's user (its directory is already checked,
+    so no one else can swap it), then its target is walked the same way. The walk ends at the first
+    missing component (only root or kleidi can create it there) or at a non-directory (the socket
+    itself: the caller decides about it). Raises :class:`ConfigError` naming ``what`` (the
+    setting), the directory and the fix.
+    """
+    if not path.is_absolute():
+        raise ConfigError(f"{what}: {path} must be an absolute path; fix: give it from /")
+    uid = os.geteuid()
+    current = Path("/")
+    _check_entry(current, _lstat(current, what), uid, what)
+    pending = list(reversed(path.parts[1:]))  # still to walk, the next one last
+    links = 0
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            current = current.parent  # current is always a real directory, so its parent is its real parent
+            continue
+        candidate = current / part
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot check {candidate}: {exc.strerror}; fix: kleidi's user must be able "
+                              "to search every directory on the path") from None
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise ConfigError(f"{what}: {path} goes through more than {_MAX_SYMLINKS} symbolic links; fix: "
+                                  "give the path without symbolic links")
+            _check_entry(candidate, st, uid, what)
+            target = Path(os.readlink(candidate))
+            if target.is_absolute():
+                current = Path("/")
+            pending.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        _check_entry(candidate, st, uid, what)
+        current = candidate
+
+
+def _lstat(path: Path, what: str) -> os.stat_result:
+    try:
+        return os.lstat(path)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot check {path}: {exc.strerror}; fix: kleidi's user must be able to "
+                          "search every directory on the path") from None
+
+
+def _check_entry(path: Path, st: os.stat_result, uid: int, what: str) -> None:
+    """One directory (or symlink) on the way: owned by root or us; a directory also not writable by others."""
+    if st.st_uid not in (0, uid):
+        try:
+            owner = f"{pwd.getpwuid(st.st_uid).pw_name} (uid {st.st_uid})"
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        ours = "root" if uid == 0 else f"root or kleidi's user (uid {uid})"
+        kind, chown = ("symbolic link", "chown -h") if stat.S_ISLNK(st.st_mode) else ("directory", "chown")
+        raise ConfigError(f"{what}: {kind} {path} is owned by {owner}, not by {ours}: that user could replace what "
+                          f"is below it and receive what kleidi serves there; fix: {chown} root {path}, or choose a "
+                          "path under directories owned by root")
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISDIR(st.st_mode) and mode & 0o022 and not mode & stat.S_ISVTX:
+        raise ConfigError(f"{what}: directory {path} is writable by others (mode {mode:04o}: group- or "
+                          "world-writable without the sticky bit), who could move what is below it away and put "
+                          f"their own files (a socket that receives the apiserver's seeds) in its place; fix: chmod "
+                          f"go-w {path}, or choose a path under directories only root can write")
+
+
+def _make_parents(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each 0700 (Path.mkdir gives parents the umask's mode)."""
+    missing = []
+    while not os.path.lexists(directory):
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+
+
 def prepare_path(endpoint: Endpoint) -> None:
     """Make the socket path ready to bind, or refuse with the reason.
 
-    Refuses a symlink, a regular file or any other non-socket at the path, and a socket another
-    process is listening on. Removes a stale socket left by a dead process. Creates a missing parent
-    directory with mode 0700.
+    Refuses a path under a directory others could replace (:func:`check_ancestors`), a symlink, a
+    regular file or any other non-socket at the path, and a socket another process is listening
+    on. Removes a stale socket left by a dead process. Creates missing directories with mode 0700.
     """
     path = endpoint.path
     if path is None:
         return
     if not path.is_absolute():
         raise ConfigError(f"server.endpoint: socket path {path} must be absolute; fix: unix:///absolute/path")
+    check_ancestors(path, "server.endpoint")  # before creating anything under a directory others control
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        parent = os.stat(path.parent)
-        if parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
-            # Whoever can write there could swap in a socket of their own and receive the apiserver's seeds.
-            raise ConfigError(f"server.endpoint: directory {path.parent} is writable by others, who could replace "
-                              f"the socket; fix: chmod go-w {path.parent}, or use a directory only root can write")
+        _make_parents(path.parent)
+        check_ancestors(path, "server.endpoint")  # again, with the directories just created
         st = os.lstat(path)
     except FileNotFoundError:
         return
