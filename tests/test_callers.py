@@ -128,9 +128,10 @@ def test_the_private_grpc_socket_cannot_be_used_to_go_around_the_check(kleidi_fa
 
 
 def test_without_caller_authentication_file_permissions_decide(kleidi_factory, short_dir):
-    proc = shared_kleidi(kleidi_factory, short_dir, authenticate_callers=False)
-    with channel_through(connected_as(NOBODY, NOBODY, str(proc.socket_path)), short_dir) as stub:
-        assert encrypt(stub, "uid-from-nobody").key_id  # socket_mode 0666 let it in; nothing else checks
+    proc = shared_kleidi(kleidi_factory, short_dir, authenticate_callers=False, socket_mode="0660",
+                         socket_group="nogroup")
+    with channel_through(connected_as(12345, NOBODY, str(proc.socket_path)), short_dir) as stub:
+        assert encrypt(stub, "uid-from-nobody").key_id  # the socket's group let it in; nothing else checks
     record = next(r for r in audit_records(short_dir / "audit.jsonl") if r.get("uid") == "uid-from-nobody")
     assert "caller_uid" not in record
     assert "callers authenticated" not in proc.log()

@@ -9,29 +9,44 @@ grpcio does not expose peer credentials, so the check sits in front of it. :clas
 the public socket. On each connection it reads the peer credentials and
 
 * **allows** the caller: relays the connection, byte for byte, to the gRPC server, which listens on
-  a socket inside a private 0700 directory that only kleidi's user (and root) can reach. Each relay
-  connection is bound to a unique abstract address, which the gRPC server sees as the call's peer,
-  so the audit record of every call can name the calling process (:meth:`SocketGate.caller`);
+  a socket inside a private 0700 directory (under ``server.runtime_dir``) that only kleidi's user
+  (and root) can reach. Each relay connection is bound to a unique socket *file* in that same
+  directory, which the gRPC server sees as the call's peer (``unix:<path>``), so the audit record of
+  every call can name the calling process (:meth:`SocketGate.caller`). Nobody else can create a name
+  there, so nobody can take a relay's name before kleidi binds it (abstract names, which anyone can
+  read in /proc/net/unix and bind first, were open to exactly that);
 * **refuses** the caller: the gRPC server never sees its bytes. The gate itself answers its first
-  call with a gRPC ``PERMISSION_DENIED`` (HTTP/2 via ``h2``), logs it, writes an audit record,
-  counts it in ``kleidi_peer_credential_rejections_total``, and closes the connection.
+  call with a gRPC ``PERMISSION_DENIED`` (HTTP/2 via ``h2``) and closes the connection. Every refusal
+  is counted in ``kleidi_peer_credential_rejections_total``; the log line and audit record are
+  rate-limited per uid (the first at once, the rest as one summary per
+  ``server.refusal_report_interval``); at most ``server.max_refused_connections`` refused
+  connections are held open at once, each for at most ``server.refused_timeout``.
+
+No exception escapes the gate: whatever goes wrong with one connection closes that connection and
+is logged with a neutral message (the exception's type, never its text, which could carry relayed
+bytes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
+import functools
 import logging
 import os
-import secrets
+import re
 import shutil
 import socket
+import stat
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 import h2.config
 import h2.connection
@@ -45,7 +60,15 @@ from kleidi.errors import ConfigError
 log = logging.getLogger("kleidi.callers")
 
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
-_REFUSED_LINGER = 5.0  # seconds a refused connection may stay open for its first call
+_BACKLOG = 1024
+_ACCEPT_BATCH = 64  # connections accepted per wake-up, so one busy listener cannot starve the loop
+_ACCEPT_PAUSE = 0.25  # seconds without accepting once the process is out of file descriptors
+_OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_PRIVATE_PREFIX = ".kleidi-"
+_PRIVATE_NAME = re.compile(r"\.kleidi-(\d+)-[a-z0-9_]{8}")  # .kleidi-<pid>-<mkdtemp's 8 random characters>
+_GRPC_SOCKET = "grpc.sock"
+_RELAY_NAME_MAX = len("r-") + 16  # r-<hex counter>: a 64-bit counter never runs out
+_LOCK_WAIT = 5.0  # seconds to wait for another starting kleidi to finish with the runtime directory
 
 
 @dataclass(frozen=True)
@@ -88,135 +111,342 @@ class CallerPolicy:
         return text + (" or gid " + ", ".join(str(g) for g in sorted(self.gids)) if self.gids else "")
 
 
+@dataclass(frozen=True)
+class RefusalLimits:
+    """How much a refused caller may cost (see ServerSettings for each)."""
+
+    max_open: int = 64
+    timeout: float = 2.0
+    report_interval: float = 60.0
+
+
+# ------------------------------------------------------------------------------------------- guarding
+
+class _Failing(Protocol):
+    def _fail(self, exc: Exception, where: str) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Failing)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _guarded(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R | None]:
+    """Turn any exception of a gate callback into ``self._fail`` (close and log), so that none reaches
+    the event loop, whose handler would log its text (which may quote relayed bytes)."""
+    where = method.__qualname__
+
+    @functools.wraps(method)
+    def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R | None:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            self._fail(exc, where)
+            return None
+
+    return wrapper
+
+
+def _report_failure(exc: BaseException, where: str) -> None:
+    with contextlib.suppress(Exception):
+        log.error("caller gate: internal error (%s) in %s; the connection was closed", type(exc).__name__, where)
+
+
+def _abort(transport: asyncio.BaseTransport | None) -> None:
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            cast(asyncio.Transport, transport).abort()
+
+
+# ---------------------------------------------------------------------------------------------- relay
+
+class _Pair:
+    """The two sides of one allowed connection; closed as a whole."""
+
+    def __init__(self, gate: SocketGate) -> None:
+        self.gate = gate
+        self.key: str | None = None  # the upstream's peer address, while the gRPC server may see it
+        self.down = _Relay(self)
+        self.up = _Relay(self)
+        self.down.partner, self.up.partner = self.up, self.down
+        self.closed = False
+
+    def close(self) -> None:
+        """Both directions are done (or one side is gone): close both, after flushing what is buffered."""
+        if self.closed:
+            return
+        self.closed = True
+        for side in (self.down, self.up):
+            if side.transport is not None:
+                with contextlib.suppress(Exception):
+                    side.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        _abort(self.down.transport)
+        _abort(self.up.transport)
+
+    def lost(self, side: _Relay) -> None:
+        self.close()
+        if side is self.up:  # the gRPC server has seen the last of this peer address
+            self.forget()
+
+    def forget(self) -> None:
+        self.gate._forget(self)
+
+
 class _Relay(asyncio.Protocol):
     """One side of an allowed connection; writes what it reads to its partner, with back-pressure."""
 
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.partner: _Relay | None = None
-        self.on_lost: Callable[[], None] | None = None
-        self._pending: list[bytes] = []  # read before the partner existed
-        self._eof = False
+    partner: _Relay
 
+    def __init__(self, pair: _Pair) -> None:
+        self.pair = pair
+        self.transport: asyncio.Transport | None = None
+        self._pending: list[bytes] = []  # read before the partner's transport existed
+        self.eof = False  # our peer will send nothing more
+
+    def _fail(self, exc: Exception, where: str) -> None:
+        _report_failure(exc, where)
+        self.pair.abort()
+
+    @_guarded
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        if self.pair.closed:  # the other side is already gone
+            self.transport.close()
+            return
+        if self.partner.transport is None:
+            self.transport.pause_reading()  # until the other side exists
+            return
+        # The partner has waited for us: deliver what it read, then let it read on.
+        pending, self.partner._pending = self.partner._pending, []
+        for chunk in pending:
+            self.transport.write(chunk)
+        self.partner.transport.resume_reading()
+        if self.partner.eof:
+            self.partner._forward_eof()
 
-    def _send(self, data: bytes) -> None:
-        if self.partner is None or self.partner.transport is None:
+    @_guarded
+    def data_received(self, data: bytes) -> None:
+        self._forward(data)
+
+    def _forward(self, data: bytes) -> None:
+        if self.partner.transport is None:
             self._pending.append(data)
         else:
             self.partner.transport.write(data)
 
-    def data_received(self, data: bytes) -> None:
-        self._send(data)
-
+    @_guarded
     def eof_received(self) -> bool:
-        if self.partner is None or self.partner.transport is None:
-            self._eof = True
-        elif self.partner.transport.can_write_eof():
-            self.partner.transport.write_eof()
+        self.eof = True
+        if self.partner.transport is not None:
+            self._forward_eof()
         return True  # keep our write side open: the other side may still be answering
 
+    def _forward_eof(self) -> None:
+        partner = self.partner.transport
+        assert partner is not None
+        if self.partner.eof or not partner.can_write_eof():
+            self.pair.close()  # nothing more can flow either way
+        else:
+            partner.write_eof()
+
+    @_guarded
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.partner is not None and self.partner.transport is not None:
-            self.partner.transport.close()
-        if self.on_lost is not None:
-            self.on_lost()
+        self.pair.lost(self)
 
     # The partner cannot keep up: stop reading from our own side until it drains.
+    @_guarded
     def pause_writing(self) -> None:
-        if self.partner is not None and self.partner.transport is not None:
+        if self.partner.transport is not None:
             self.partner.transport.pause_reading()
 
+    @_guarded
     def resume_writing(self) -> None:
-        if self.partner is not None and self.partner.transport is not None:
+        if self.partner.transport is not None:
             self.partner.transport.resume_reading()
 
 
-def _join(a: _Relay, b: _Relay) -> None:
-    """Pair two relay sides and deliver whatever either read before the other existed."""
-    a.partner, b.partner = b, a
-    for side in (a, b):
-        pending, side._pending = side._pending, []
-        for chunk in pending:
-            side._send(chunk)
-        if side._eof:
-            side.eof_received()
+# -------------------------------------------------------------------------------------------- refusal
+
+@dataclass
+class _Window:
+    last: PeerCredentials
+    method: str | None
+    count: int  # refusals since the last record, beyond the one logged at once
+    timer: asyncio.TimerHandle | None = None
+
+
+class _RefusalReporter:
+    """Counts every refusal; logs and audits each uid's first one at once and the rest as one summary
+    per interval, so that a flood costs O(1) log lines and audit records."""
+
+    def __init__(self, policy: CallerPolicy, interval: float) -> None:
+        self.policy = policy
+        self.interval = interval
+        self._windows: dict[int, _Window] = {}
+
+    def refused(self, peer: PeerCredentials, method: str | None) -> None:
+        telemetry.PEER_REJECTIONS.inc()  # first, so the count stays exact whatever the writes below do
+        window = self._windows.get(peer.uid)
+        if window is not None:
+            window.count += 1
+            window.last, window.method = peer, method
+            return
+        window = self._windows[peer.uid] = _Window(peer, method, 0)
+        window.timer = asyncio.get_running_loop().call_later(self.interval, self._end_interval, peer.uid)
+        log.warning("refused a caller: pid %d uid %d gid %d is not allowed (allowed: %s); fix: run the apiserver "
+                    "as an allowed user, or add it to server.allowed_uids / server.allowed_gids",
+                    peer.pid, peer.uid, peer.gid, self.policy.describe(),
+                    extra={"fields": {**peer.audit_fields(), "method": method}})
+        audit.emit("caller_refused", method=method, outcome="PERMISSION_DENIED", **peer.audit_fields())
+
+    def _end_interval(self, uid: int) -> None:
+        try:
+            window = self._windows[uid]
+            if window.count == 0:  # quiet for a whole interval: the next refusal is news again
+                del self._windows[uid]
+                return
+            self._summarise(window)
+            window.timer = asyncio.get_running_loop().call_later(self.interval, self._end_interval, uid)
+        except Exception as exc:
+            _report_failure(exc, "refusal report")
+
+    def _summarise(self, window: _Window) -> None:
+        count, window.count = window.count, 0
+        peer = window.last
+        log.warning("refused a caller %d more times in the last %.0fs: uid %d (last: pid %d gid %d) is not allowed "
+                    "(allowed: %s)", count, self.interval, peer.uid, peer.pid, peer.gid, self.policy.describe(),
+                    extra={"fields": {**peer.audit_fields(), "method": window.method, "count": count}})
+        audit.emit("caller_refused", method=window.method, outcome="PERMISSION_DENIED", count=count,
+                   **peer.audit_fields())
+
+    def close(self) -> None:
+        """Write what is still counted (at shutdown)."""
+        for window in self._windows.values():
+            if window.timer is not None:
+                window.timer.cancel()
+            if window.count:
+                try:
+                    self._summarise(window)
+                except Exception as exc:
+                    _report_failure(exc, "refusal report")
+        self._windows.clear()
+
+
+def _printable(raw: bytes) -> str | None:
+    return "".join(c if c.isprintable() else "?" for c in raw[:128].decode("ascii", "replace")) or None
 
 
 class _Refusal(asyncio.Protocol):
     """Speaks just enough HTTP/2 to answer a refused caller's first call with PERMISSION_DENIED."""
 
-    def __init__(self, peer: PeerCredentials, policy: CallerPolicy) -> None:
+    def __init__(self, gate: SocketGate, peer: PeerCredentials) -> None:
+        self.gate = gate
         self.peer = peer
-        self.policy = policy
         self.transport: asyncio.Transport | None = None
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
-        self._answered = False
+        self._method: str | None = None
+        self._resolved = False
         self._timer: asyncio.TimerHandle | None = None
 
+    def _fail(self, exc: Exception, where: str) -> None:
+        _report_failure(exc, where)
+        self._resolve()
+        _abort(self.transport)
+
+    def _resolve(self) -> None:
+        """Count and report this connection, exactly once."""
+        if not self._resolved:
+            self._resolved = True
+            try:
+                self.gate._refusals.refused(self.peer, self._method)
+            except Exception as exc:
+                _report_failure(exc, "refusal report")
+
+    @_guarded
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self._timer = asyncio.get_running_loop().call_later(self.gate.limits.timeout, self._give_up)
         self.h2.initiate_connection()
         self.transport.write(self.h2.data_to_send())
-        self._timer = asyncio.get_running_loop().call_later(_REFUSED_LINGER, self._give_up)
 
     def _give_up(self) -> None:
-        if not self._answered:
-            self._record(None)
-        if self.transport is not None:
-            self.transport.close()
+        self._resolve()
+        _abort(self.transport)  # abort: a caller that does not read must not keep the connection by that
 
-    def _record(self, method: str | None) -> None:
-        telemetry.PEER_REJECTIONS.inc()
-        log.warning("refused a caller: pid %d uid %d gid %d is not allowed (allowed: %s); fix: run the apiserver "
-                    "as an allowed user, or add it to server.allowed_uids / server.allowed_gids",
-                    self.peer.pid, self.peer.uid, self.peer.gid, self.policy.describe(),
-                    extra={"fields": {**self.peer.audit_fields(), "method": method}})
-        audit.emit("caller_refused", method=method, outcome="PERMISSION_DENIED", **self.peer.audit_fields())
-
+    @_guarded
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
+        if self._resolved:
+            return
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
             self._give_up()
             return
         for event in events:
-            if isinstance(event, h2.events.RequestReceived) and not self._answered:
-                path = dict(event.headers or []).get(b":path", b"")
-                method = path[:128].decode("ascii", "replace") or None
-                self._answered = True
+            if isinstance(event, h2.events.RequestReceived):
+                self._method = _printable(dict(event.headers or []).get(b":path", b""))
                 self.h2.send_headers(event.stream_id, [
                     (":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "7"),
                     ("grpc-message", f"caller uid {self.peer.uid} is not allowed to use this KMS plugin"),
                 ], end_stream=True)
                 self.h2.close_connection(last_stream_id=event.stream_id)
-                self._record(method)
+                self.transport.write(self.h2.data_to_send())
+                self._resolve()
+                self.transport.close()  # after the buffered answer is flushed; the timer aborts a stuck one
+                return
         self.transport.write(self.h2.data_to_send())
-        if self._answered:
-            self.transport.close()  # after the buffered answer is flushed
 
+    def eof_received(self) -> bool:
+        return False  # the caller is done: close
+
+    @_guarded
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self.gate._refused.discard(self)
+        self._resolve()  # a caller that left before its first call is refused all the same
 
+
+# ----------------------------------------------------------------------------------------------- gate
 
 class SocketGate:
-    """Owns the public socket; relays allowed callers to the gRPC server on a private socket."""
+    """Owns the public socket; relays allowed callers to the gRPC server on a private socket.
 
-    def __init__(self, public: Endpoint, policy: CallerPolicy) -> None:
+    Life cycle: :meth:`prepare` (private directory), then the gRPC server binds
+    :attr:`private_address`, then :meth:`start` (public socket); :meth:`close` undoes whatever of
+    that was done.
+    """
+
+    def __init__(self, public: Endpoint, policy: CallerPolicy, *, runtime_dir: Path | None = None,
+                 max_refused_connections: int = 64, refused_timeout: float = 2.0,
+                 refusal_report_interval: float = 60.0) -> None:
         self.public = public
         self.policy = policy
-        self._private_dir = Path(tempfile.mkdtemp(prefix="kleidi-", dir=_short_tmp()))  # mode 0700
-        self.private_path = self._private_dir / "grpc.sock"
-        self._server: asyncio.AbstractServer | None = None
-        self._relays: set[_Relay] = set()
-        self._connecting: set[asyncio.Future[None]] = set()
-        self._callers: dict[str, PeerCredentials] = {}  # relay's abstract peer address -> caller
-        self._prefix = f"kleidi-relay-{os.getpid()}-{secrets.token_hex(6)}-"
+        self.limits = RefusalLimits(max_refused_connections, refused_timeout, refusal_report_interval)
+        self.runtime_dir, self._runtime_setting = _runtime_base(public, runtime_dir)
+        self._private_dir: Path | None = None
+        self._lock_fd: int | None = None  # flock held on the private directory for kleidi's life
+        self._listener: socket.socket | None = None
+        self._resume: asyncio.TimerHandle | None = None
+        self._starved = False
+        self._pairs: set[_Pair] = set()
+        self._refused: set[_Refusal] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._callers: dict[str, PeerCredentials] = {}  # relay's peer address ("unix:<path>") -> caller
+        self._refusals = _RefusalReporter(policy, self.limits.report_interval)
         self._count = 0
         self.inode: int | None = None
+
+    @property
+    def private_path(self) -> Path:
+        """The gRPC server's socket (after :meth:`prepare`)."""
+        if self._private_dir is None:
+            raise RuntimeError("SocketGate.prepare() has not run")
+        return self._private_dir / _GRPC_SOCKET
 
     @property
     def private_address(self) -> str:
@@ -227,10 +457,47 @@ class SocketGate:
         """The credentials of the process behind a gRPC call's peer address, if it came through the gate."""
         return self._callers.get(peer)
 
+    def prepare(self) -> None:
+        """Check the public socket's path, remove private directories that killed kleidis left behind
+        in the runtime directory, and create this one's (0700, locked while kleidi lives)."""
+        endpoint.prepare_path(self.public)
+        base = self.runtime_dir
+        name_len = len(_PRIVATE_PREFIX) + len(str(os.getpid())) + 1 + 8
+        longest = len(os.fsencode(base)) + 1 + name_len + 1 + max(_RELAY_NAME_MAX, len(_GRPC_SOCKET))
+        if longest > endpoint._MAX_SOCKET_PATH:
+            raise ConfigError(f"{self._runtime_setting}: {base} is too long for kleidi's private sockets (their paths "
+                              f"would be up to {longest} bytes; unix sockets allow {endpoint._MAX_SOCKET_PATH}); "
+                              "fix: set server.runtime_dir to a shorter directory, e.g. /run/kleidi")
+        # TODO(endpoint.check_ancestors): refuse a runtime directory others could replace, once it exists.
+        try:
+            base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError(f"{self._runtime_setting}: cannot use {base}: {exc.strerror}; fix: create it, "
+                              "writable by kleidi's user, or set server.runtime_dir to such a directory") from None
+        try:
+            # Serialise with other kleidis starting in the same directory: none removes a directory that
+            # another has created but not locked yet.
+            locked = _lock(base_fd, _LOCK_WAIT)
+            if locked:
+                _remove_stale(base, base_fd)
+            else:
+                log.warning("runtime directory %s stayed locked for %.0fs; left stale private directories in it",
+                            base, _LOCK_WAIT)
+            try:
+                private = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-", dir=base))  # 0700
+            except OSError as exc:
+                raise ConfigError(f"{self._runtime_setting}: cannot create kleidi's private directory in {base}: "
+                                  f"{exc.strerror}; fix: let kleidi's user write {base}, or set server.runtime_dir "
+                                  "to a directory it can write (a tmpfs works under a read-only root)") from None
+            self._private_dir = private
+            self._lock_fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(base_fd)  # releases the directory's lock
+
     async def start(self, mode: int, group: str | int | None) -> None:
         """Bind the public socket (never wider than 0600, even for a moment) and start accepting. If
         this fails, :meth:`close` cleans up."""
-        endpoint.prepare_path(self.public)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with endpoint.owner_only_umask():
@@ -243,110 +510,261 @@ class SocketGate:
         self.inode = endpoint.inode_of(self.public)  # from here on, close() removes the socket file
         try:
             endpoint.restrict(self.public, mode, group)
-            sock.listen(1024)
+            sock.listen(_BACKLOG)
             sock.setblocking(False)
-            self._server = await asyncio.get_running_loop().create_unix_server(self._accept, sock=sock)
+            # The gate accepts by itself (not loop.create_unix_server): it keeps the backlog asked for
+            # (uvloop listens again with its own of 100), and it can pause when out of file descriptors
+            # instead of spinning on accept.
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._on_acceptable)
         except BaseException:
             sock.close()
             raise
+        self._listener = sock
 
-    def _accept(self) -> asyncio.Protocol:
-        return _Accepted(self)
+    def _fail(self, exc: Exception, where: str) -> None:
+        _report_failure(exc, where)
 
-    def connect_upstream(self, downstream: _Relay, peer: PeerCredentials) -> None:
-        task = asyncio.ensure_future(self._open_upstream(downstream, peer))
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
+    @_guarded
+    def _on_acceptable(self) -> None:
+        listener = self._listener
+        for _ in range(_ACCEPT_BATCH):
+            if listener is None or listener.fileno() < 0:
+                return
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                self._pause_accepting(exc)
+                return
+            if self._starved:
+                self._starved = False
+                log.info("caller gate: accepting connections again")
+            try:
+                self._admit(conn)
+            except Exception as exc:
+                _report_failure(exc, "SocketGate._admit")
+                conn.close()
 
-    async def _open_upstream(self, downstream: _Relay, peer: PeerCredentials) -> None:
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of file descriptors (or another accept error): stop accepting for a moment. Callers wait
+        in the listen backlog meanwhile."""
+        if not self._starved:
+            self._starved = True
+            if exc.errno in _OUT_OF_FDS:
+                log.error("caller gate: cannot accept connections: %s; pausing, and retrying every %.2fs; fix: raise "
+                          "kleidi's open-file limit (LimitNOFILE=) or find what holds connections open",
+                          exc.strerror, _ACCEPT_PAUSE)
+            else:
+                log.error("caller gate: accept failed: %s; retrying in %.2fs", exc.strerror, _ACCEPT_PAUSE)
         loop = asyncio.get_running_loop()
-        self._count += 1
-        name = f"{self._prefix}{self._count}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        assert self._listener is not None
+        loop.remove_reader(self._listener.fileno())
+        self._resume = loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().add_reader(self._listener.fileno(), self._on_acceptable)
+
+    def _admit(self, conn: socket.socket) -> None:
         try:
-            sock.setblocking(False)
-            sock.bind(f"\0{name}")  # the gRPC server sees this as the call's peer
-            await loop.sock_connect(sock, str(self.private_path))
-            _, upstream = await loop.create_unix_connection(_Relay, sock=sock)
+            peer = PeerCredentials.of(conn)
+        except OSError:
+            conn.close()
+            return
+        if self.policy.allows(peer):
+            self._spawn(self._relay(conn, peer))
+        elif len(self._refused) >= self.limits.max_open:
+            conn.close()  # too many refused callers waiting already: no answer, but counted
+            self._refusals.refused(peer, None)
+        else:
+            refusal = _Refusal(self, peer)
+            self._refused.add(refusal)  # counted from now, so the bound holds while the transport is made
+            self._spawn(self._refuse(conn, refusal))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refuse(self, conn: socket.socket, refusal: _Refusal) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: refusal, conn)
+        except Exception as exc:
+            _report_failure(exc, "SocketGate._refuse")
+            self._refused.discard(refusal)
+            conn.close()
+            refusal._resolve()
+
+    async def _relay(self, conn: socket.socket, peer: PeerCredentials) -> None:
+        """Connect the caller's connection to the gRPC server, from a relay socket named for this caller."""
+        loop = asyncio.get_running_loop()
+        pair = _Pair(self)
+        upstream: socket.socket | None = None
+        try:
+            await loop.connect_accepted_socket(lambda: pair.down, conn)  # reads nothing until upstream exists
+            self._pairs.add(pair)
+            self._count += 1
+            upstream, path = _relay_socket(self.private_path.parent / f"r-{self._count:x}")
+            try:
+                await loop.sock_connect(upstream, str(self.private_path))
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # the gRPC server keeps the name it accepted; the directory stays clean
+            pair.key = f"unix:{path}"  # what grpc's context.peer() reports for this connection
+            self._callers[pair.key] = peer
+            await loop.create_unix_connection(lambda: pair.up, sock=upstream)
         except OSError as exc:
-            sock.close()
-            log.error("cannot reach the gRPC server on %s: %s", self.private_path, exc.strerror)
-            if downstream.transport is not None:
-                downstream.transport.close()
-            return
-        assert downstream.transport is not None and upstream.transport is not None
-        if downstream.transport.is_closing():  # the caller left while we connected
-            upstream.transport.close()
-            return
-        key = f"unix-abstract:{name}"
-        self._callers[key] = peer
-        self._relays.update((downstream, upstream))
+            if upstream is not None:
+                upstream.close()
+            log.error("cannot reach the gRPC server on %s: %s", self._private_dir, exc.strerror)
+            self._drop(pair, conn)
+        except Exception as exc:  # never a foreign exception out of the gate
+            if upstream is not None:
+                upstream.close()
+            _report_failure(exc, "SocketGate._relay")
+            self._drop(pair, conn)
 
-        def forget() -> None:
-            self._callers.pop(key, None)
-            self._relays.discard(downstream)
-            self._relays.discard(upstream)
+    def _drop(self, pair: _Pair, conn: socket.socket) -> None:
+        if pair.down.transport is None:
+            conn.close()
+        pair.abort()
+        self._forget(pair)
 
-        upstream.on_lost = forget
-        _join(downstream, upstream)
-        downstream.transport.resume_reading()
+    def _forget(self, pair: _Pair) -> None:
+        if pair.key is not None:
+            self._callers.pop(pair.key, None)
+        self._pairs.discard(pair)
 
     def close_listener(self) -> None:
         """Stop accepting new connections; relays already open keep going."""
-        if self._server is not None:
-            self._server.close()
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
 
     async def close(self) -> None:
-        """Close every relay, the public socket and the private directory."""
+        """Close every connection, the public socket and the private directory."""
         self.close_listener()
-        for relay in list(self._relays):
-            if relay.transport is not None:
-                relay.transport.close()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        for pair in list(self._pairs):
+            pair.abort()
+        for refusal in list(self._refused):
+            _abort(refusal.transport)
+        await asyncio.sleep(0)  # let the closed transports call connection_lost
+        self._refusals.close()
         if self.inode is not None:  # never a socket that another process bound
             endpoint.remove(self.public, self.inode)
-        shutil.rmtree(self._private_dir, ignore_errors=True)
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
-class _Accepted(_Relay):
-    """A new connection on the public socket: the caller's side of a relay, or a refusal."""
+def _relay_socket(path: Path) -> tuple[socket.socket, Path]:
+    """A socket bound to ``path``: kleidi's 0700 directory is the only place that name can exist."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.bind(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock, path
 
-    def __init__(self, gate: SocketGate) -> None:
-        super().__init__()
-        self.gate = gate
-        self._refusal: _Refusal | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
+def _runtime_base(public: Endpoint, configured: Path | None) -> tuple[Path, str]:
+    """Where kleidi's private directory goes: server.runtime_dir, else systemd's RuntimeDirectory=,
+    else the public socket's directory, else (abstract socket) the temporary directory; and the
+    setting to name in an error about it."""
+    if configured is not None:
+        base, setting = configured, "server.runtime_dir"
+    elif os.environ.get("RUNTIME_DIRECTORY"):
+        # systemd lists several directories with ':'
+        base, setting = Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]), "server.runtime_dir ($RUNTIME_DIRECTORY)"
+    elif public.path is not None:
+        base, setting = public.path.parent, "server.runtime_dir (unset: the directory of server.endpoint)"
+    else:
+        base, setting = Path(tempfile.gettempdir()), "server.runtime_dir (unset: the temporary directory)"
+    if not base.is_absolute():
+        raise ConfigError(f"{setting}: {base} is not absolute; fix: use an absolute path")
+    return base, setting
+
+
+def _lock(fd: int, wait: float) -> bool:
+    deadline = time.monotonic() + wait
+    while True:
         try:
-            peer = PeerCredentials.of(sock)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _listened(path: Path) -> bool:
+    """Whether a process accepts connections on ``path`` (in doubt: yes)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return True
+
+
+def _remove_stale(base: Path, base_fd: int) -> None:
+    """Remove private directories of kleidis that were killed: ours (same uid), named like ours, not
+    a symlink, not locked by a live kleidi, and with no live process or no listener behind them."""
+    uid = os.getuid()
+    for name in os.listdir(base_fd):
+        match = _PRIVATE_NAME.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base_fd)
         except OSError:
-            transport.close()
-            return
-        if self.gate.policy.allows(peer):
-            assert self.transport is not None
-            self.transport.pause_reading()  # until the upstream side exists
-            self.gate.connect_upstream(self, peer)
-        else:
-            self._refusal = _Refusal(peer, self.gate.policy)
-            self._refusal.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self._refusal is not None:
-            self._refusal.data_received(data)
-        else:
-            super().data_received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._refusal is not None:
-            self._refusal.connection_lost(exc)
-        super().connection_lost(exc)
-
-
-def _short_tmp() -> str:
-    """A temp dir whose socket paths fit in sun_path (TMPDIR can be long in CI and containers)."""
-    base = tempfile.gettempdir()
-    return base if len(base) <= 64 else "/tmp"  # noqa: S108 -- mkdtemp makes a fresh 0700 directory there
+            continue  # a symlink, not a directory, or gone
+        try:
+            if os.fstat(fd).st_uid != uid or not stat.S_ISDIR(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live kleidi holds it
+            pid = int(match.group(1))
+            if pid != os.getpid() and _pid_alive(pid) and _listened(base / name / _GRPC_SOCKET):
+                continue
+            if os.stat(name, dir_fd=base_fd, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+                continue  # replaced since we opened it
+            shutil.rmtree(name, dir_fd=base_fd)  # never follows symlinks inside
+            log.info("removed the private directory %s of a kleidi that did not shut down (pid %d)",
+                     base / name, pid)
+        except OSError as exc:
+            log.warning("could not remove the stale private directory %s: %s", base / name, exc.strerror)
+        finally:
+            os.close(fd)

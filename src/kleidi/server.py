@@ -134,7 +134,10 @@ class Server:
         server_settings = self.settings.server
         if server_settings.authenticate_callers:
             policy = CallerPolicy.from_settings(server_settings.allowed_uids, server_settings.allowed_gids)
-            self.gate = SocketGate(self.endpoint, policy)
+            self.gate = SocketGate(self.endpoint, policy, runtime_dir=server_settings.runtime_dir,
+                                   max_refused_connections=server_settings.max_refused_connections,
+                                   refused_timeout=server_settings.refused_timeout,
+                                   refusal_report_interval=server_settings.refusal_report_interval)
         callers = self.gate.caller if self.gate is not None else None
         envelope_service = EnvelopeService(self.keys)
         v2_servicer = KMSv2Servicer(self.keys, envelope_service, server_settings.status_version, callers)
@@ -146,6 +149,7 @@ class Server:
         try:
             if self.gate is not None:
                 # gRPC listens inside the gate's private directory; the gate owns the public socket.
+                self.gate.prepare()
                 await self._bind_grpc(server, self.gate.private_address)
                 await self.gate.start(server_settings.socket_mode, server_settings.socket_group)
                 log.info("callers authenticated by SO_PEERCRED: allowed %s; gRPC server behind it on %s",
