@@ -262,11 +262,21 @@ def audit_group() -> None:
 @click.option("--hmac-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The audit.hmac_key_file the log was written with (for a keyed chain).")
 @click.option("--allow-open", is_flag=True, help="Accept a log that does not end with a clean stop (kleidi running).")
-def audit_verify(files: tuple[Path, ...], hmac_key_file: Path | None, allow_open: bool) -> None:
-    """Check the hash chain of audit FILES (oldest first, e.g. audit.jsonl.2 audit.jsonl.1 audit.jsonl)."""
+@click.option("--anchor", "anchor", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The audit.anchor_path file: check that the log still reaches the anchored record.")
+@click.option("--allow-gaps", is_flag=True, help="Accept audit_gap records (records kleidi could not write, e.g. "
+              "on a full disk); they are still listed.")
+@click.option("--allow-truncated", is_flag=True, help="Accept audit_truncated and audit_anchor_invalid records "
+              "(a cut of the log that kleidi found and recorded at start-up); they are still listed.")
+def audit_verify(files: tuple[Path, ...], hmac_key_file: Path | None, allow_open: bool, anchor: Path | None,
+                 allow_gaps: bool, allow_truncated: bool) -> None:
+    """Check the hash chain of audit FILES (oldest first, e.g. audit.jsonl.2 audit.jsonl.1 audit.jsonl).
+
+    Without --anchor, a log cut back to an earlier clean stop cannot be told from a whole one."""
     from kleidi import audit
 
-    result = audit.verify(list(files), audit.read_hmac_key(hmac_key_file), allow_open=allow_open)
+    result = audit.verify(list(files), audit.read_hmac_key(hmac_key_file), allow_open=allow_open,
+                          allow_gaps=allow_gaps, allow_truncated=allow_truncated, anchor=anchor)
     click.echo(("ok: " if result.ok else "FAILED: ") + result.message, err=not result.ok)
     if not result.ok:
         sys.exit(EXIT_FAILED)

@@ -218,7 +218,8 @@ class Server:
             return None
         try:
             log_file = audit.AuditLog(settings.path, hmac_key=audit.read_hmac_key(settings.hmac_key_file),
-                                      fsync=settings.fsync, max_bytes=settings.max_bytes, keep=settings.keep)
+                                      fsync=settings.fsync, max_bytes=settings.max_bytes, keep=settings.keep,
+                                      on_failure=settings.on_failure, anchor_path=settings.anchor_path)
         except OSError as exc:
             raise ConfigError(f"audit.path: cannot open {settings.path}: {exc.strerror}; fix: create the directory "
                               "and let kleidi's user write it") from None
@@ -229,7 +230,10 @@ class Server:
     async def _sync_audit(audit_log: audit.AuditLog) -> None:
         while True:
             await asyncio.sleep(1.0)
-            await asyncio.to_thread(audit_log.sync)
+            try:
+                await asyncio.to_thread(audit_log.tick)  # recovery after a failure, fsync, anchor
+            except Exception:  # this task is what brings the log back: no one failure may end it
+                log.exception("audit log upkeep failed; trying again in a second")
 
     async def run(self, install_signal_handlers: bool = True) -> None:
         # A keyring or config problem at start-up stops kleidi; a backend outage does not.
@@ -245,7 +249,7 @@ class Server:
             await server.stop(None)
             await self._release_socket()
             raise
-        audit.emit("start", version=__version__, backend=self.backend.kind, endpoint=str(self.endpoint),
+        audit.note("start", version=__version__, backend=self.backend.kind, endpoint=str(self.endpoint),
                    key_id=self.keys.key_set.current.key_id if self.keys.key_set else None)
         syncer = asyncio.create_task(self._sync_audit(audit_log)) if audit_log else None
         watcher = (asyncio.create_task(self._watch_config(self._watch))

@@ -47,6 +47,12 @@ PEER_REJECTIONS = Counter("kleidi_peer_credential_rejections_total",
                           "Connections refused because the caller's uid/gid (SO_PEERCRED) is not allowed.",
                           registry=REGISTRY)
 AUDIT_RECORDS = Counter("kleidi_audit_records_total", "Records written to the audit log.", registry=REGISTRY)
+AUDIT_WRITE_FAILURES = Counter("kleidi_audit_write_failures_total",
+                               "Audit records that could not be written (lost; counted in the next audit_gap record).",
+                               registry=REGISTRY)
+AUDIT_HEALTHY = Gauge("kleidi_audit_healthy", "1 when audit records are written (or there is no audit log), "
+                      "0 while they are being lost.", registry=REGISTRY)
+AUDIT_HEALTHY.set(1)
 VAULT_LOGINS = Counter("kleidi_vault_logins_total", "Logins to Vault (first, after expiry or refusal).",
                        registry=REGISTRY)
 VAULT_RENEWALS = Counter("kleidi_vault_token_renewals_total", "Vault token renewals.", registry=REGISTRY)
