@@ -81,6 +81,31 @@ BAD_SETTINGS = [
                  ["server.allowed_uids", "no user named 'no-such-user-kleidi'", "fix"], id="unknown-allowed-user"),
     pytest.param("server:\n  allowed_gids: [no-such-group-kleidi]\n",
                  ["server.allowed_gids", "no group named 'no-such-group-kleidi'", "fix"], id="unknown-allowed-group"),
+    # A YAML integer used to be read as octal digits: 600 became 0o1130 (group may connect) and the
+    # YAML 1.1 octal 0600 became 0o600 by luck; both are refused, with the quoting fix.
+    pytest.param("server:\n  socket_mode: 600\n", ["server.socket_mode", 'quote it: "0600"'], id="mode-as-integer"),
+    pytest.param("server:\n  socket_mode: 0600\n", ["server.socket_mode", 'quote it: "0600"'],
+                 id="mode-as-yaml-octal-integer"),
+    pytest.param("server:\n  socket_mode: '0o7777'\n", ["server.socket_mode", "setuid, setgid or sticky"],
+                 id="mode-with-special-bits"),
+    pytest.param("server:\n  socket_mode: '1660'\n", ["server.socket_mode", "setuid, setgid or sticky"],
+                 id="mode-sticky"),
+    pytest.param("server:\n  socket_mode: '0700'\n", ["server.socket_mode", "execute bits"], id="mode-with-exec"),
+    pytest.param("server:\n  socket_mode: '0666'\n  authenticate_callers: false\n",
+                 ["server: socket_mode 0666 lets every user", "authenticate_callers: true"],
+                 id="mode-for-others-without-caller-check"),
+    pytest.param("server:\n  socket_mode: '0604'\n  authenticate_callers: false\n",
+                 ["socket_mode 0604", '"0660" with socket_group'], id="mode-read-for-others-without-caller-check"),
+    pytest.param("telemetry:\n  address: alice:pw@127.0.0.1:9464\n", ["telemetry.address", "user name or password"],
+                 id="telemetry-address-with-credentials"),
+    pytest.param("server:\n  endpoint: unix://alice:pw@host/x.sock\n", ["server.endpoint", "user name or password"],
+                 id="endpoint-with-credentials"),
+    pytest.param("backend:\n  kind: vault\n  address: https://vault:8200/?token=x\n  key: k\n"
+                 "  auth: {method: token, token_env: T}\n", ["backend.address", "without ?query"],
+                 id="vault-address-with-query"),
+    pytest.param("backend:\n  kind: vault\n  address: vault.example.com:8200\n  key: k\n"
+                 "  auth: {method: token, token_env: T}\n", ["backend.address", "http:// or https://"],
+                 id="vault-address-without-scheme"),
 ]
 
 
@@ -89,6 +114,15 @@ def test_invalid_setting_names_field_and_fix(tmp_path, text, needles):
     config = _write(tmp_path / "kleidi.yaml", text)
     stderr = _assert_config_error(run_kleidi("serve", "--config", str(config)), *needles)
     assert str(config) in stderr  # which file was wrong
+
+
+@pytest.mark.parametrize(("given", "octal"), [("0600", 0o600), ("600", 0o600), ("0o660", 0o660), ("0660", 0o660),
+                                               (" 0640 ", 0o640), ("0666", 0o666)])
+def test_socket_modes_as_octal_strings(tmp_path, given, octal):
+    config = _write(tmp_path / "kleidi.yaml", f"server:\n  socket_mode: '{given}'\n")
+    assert _check(tmp_path, "--config", str(config))["server"]["socket_mode"] == f"{octal:04o}"
+    # The environment gives strings, read the same way.
+    assert _check(tmp_path, env={"KLEIDI_SERVER__SOCKET_MODE": given})["server"]["socket_mode"] == f"{octal:04o}"
 
 
 def test_several_mistakes_are_all_reported(tmp_path):
@@ -131,6 +165,73 @@ def test_top_level_must_be_a_mapping(tmp_path, text):
     _assert_config_error(run_kleidi("serve", "--config", str(config)), str(config), "mapping")
 
 
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; another tool reading the file may keep the first."""
+    config = _write(tmp_path / "kleidi.yaml", "server:\n  endpoint: unix:///run/a.sock\n  socket_mode: '0600'\n"
+                                              "  endpoint: unix:///run/b.sock\n")
+    for command in (("serve",), ("config", "check")):
+        stderr = _assert_config_error(run_kleidi(*command, "--config", str(config)), str(config),
+                                      "duplicate key 'endpoint'", "line 4", "first at line 2", "keep one of them")
+        assert "b.sock" not in stderr
+    sections = _write(tmp_path / "sections.yaml", "logging:\n  level: debug\nserver: {}\nlogging:\n  level: error\n")
+    _assert_config_error(run_kleidi("config", "check", "--config", str(sections)), "duplicate key 'logging'", "line 4")
+
+
+def test_equal_keys_in_different_sections_and_merge_keys_are_fine(tmp_path):
+    config = _write(tmp_path / "kleidi.yaml", "x-common: &t {timeout: 1s}\nbackend:\n  <<: *t\n  timeout: 2s\n"
+                                              "server:\n  shutdown_timeout: 3s\n")
+    text = config.read_text().replace("x-common: &t {timeout: 1s}\n", "")
+    plain = _write(tmp_path / "plain.yaml", text.replace("  <<: *t\n", ""))
+    assert _check(tmp_path, "--config", str(plain))["backend"]["timeout"] == 2.0
+    # An explicit key next to a merge key (<<) overrides it: that is not a duplicate.
+    merged = _write(tmp_path / "merged.yaml", "backend:\n  <<: {timeout: 1s}\n  timeout: 2s\n")
+    assert _check(tmp_path, "--config", str(merged))["backend"]["timeout"] == 2.0
+
+
+def _pathological(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A config file that used to crash the loader (or be read whole), and what the refusal must say."""
+    path = tmp_path / f"{kind}.yaml"
+    if kind == "deep":
+        path.write_text("server: " + "[" * 50_000 + "\n")  # RecursionError in PyYAML's composer
+        return path, "nested more than 32 levels deep"
+    if kind == "not-utf8":
+        path.write_bytes(b"server:\n  endpoint: unix:///run/k\xe9.sock\n")  # Latin-1
+        return path, "is not UTF-8 text (byte 0xe9 at offset 33); fix: save it as UTF-8"
+    if kind == "long-int":
+        path.write_text("audit:\n  keep: " + "9" * 5000 + "\n")  # ValueError: exceeds the limit ... conversion
+        return path, "line 2, column 9: a number with 5000 digits"
+    assert kind == "too-big"
+    path.write_text("logging:\n  level: info\n" + "# padding\n" * 120_000)  # valid YAML, 1.2 MB
+    return path, "is larger than 1024 KiB"
+
+
+@pytest.mark.parametrize("kind", ["deep", "not-utf8", "long-int", "too-big"])
+@pytest.mark.parametrize("command", ["serve", "config check", "doctor"])
+def test_pathological_config_files_are_config_errors_not_tracebacks(tmp_path, kind, command):
+    path, needle = _pathological(tmp_path, kind)
+    result = run_kleidi(*command.split(), "--config", str(path), *(["--json"] if command == "doctor" else []))
+    assert "Traceback" not in result.stderr, result.stderr
+    if command == "doctor":  # doctor reports the refusal as its failed config check
+        assert result.returncode == 1, result.stdout + result.stderr
+        check = json.loads(result.stdout)[0]
+        assert check["name"] == "config" and check["result"] == "FAIL"
+        assert str(path) in check["detail"] and needle in check["detail"] and "fix" in check["detail"], check
+    else:
+        _assert_config_error(result, str(path), needle)
+
+
+def test_pathological_json_in_an_environment_variable(tmp_path):
+    for value in ("[" + "9" * 5000 + "]", "[" * 100_000):
+        result = run_kleidi("config", "check", env={"KLEIDI_SERVER__ALLOWED_GIDS": value})
+        _assert_config_error(result, "environment variable KLEIDI_SERVER__ALLOWED_GIDS", "[0, 1000]")
+
+
+def test_a_long_value_is_cut_short_in_the_error(tmp_path):
+    result = run_kleidi("config", "check", env={"KLEIDI_AUDIT__KEEP": "9" * 5000})
+    stderr = _assert_config_error(result, "audit.keep", "(5000 characters)")
+    assert len(stderr) < 1000, stderr
+
+
 def test_empty_file_means_defaults(tmp_path):
     config = _write(tmp_path / "kleidi.yaml", "")
     assert _check(tmp_path, "--config", str(config)) == KleidiSettings().model_dump(mode="json")
@@ -164,6 +265,53 @@ def test_env_var_that_is_not_a_path(tmp_path):
 def test_bad_flag_value_names_the_flag(tmp_path):
     result = run_kleidi("serve", "--endpoint", "tcp://127.0.0.1:9000")
     _assert_config_error(result, "server.endpoint", "command-line flag")
+
+
+def test_null_in_the_environment_is_null_where_a_setting_accepts_it(tmp_path):
+    """docs: "null turns the listener off"; from the environment that used to be the string "null", refused."""
+    printed = _check(tmp_path, env={"KLEIDI_TELEMETRY__ADDRESS": "null", "KLEIDI_SERVER__SOCKET_GROUP": "null",
+                                    "KLEIDI_AUDIT__PATH": "null", "KLEIDI_SERVER__ALLOWED_UIDS": "null"})
+    assert printed["telemetry"]["address"] is None
+    assert printed["server"]["socket_group"] is None
+    assert printed["audit"]["path"] is None
+    assert printed["server"]["allowed_uids"] is None
+    # Where null is not allowed, "null" stays a string and is checked as one (a Transit key may be named null).
+    vault = {"KLEIDI_BACKEND__KIND": "vault", "KLEIDI_BACKEND__ADDRESS": "https://vault:8200",
+             "KLEIDI_BACKEND__KEY": "null", "KLEIDI_BACKEND__AUTH__METHOD": "token",
+             "KLEIDI_BACKEND__AUTH__TOKEN_ENV": "VAULT_TOKEN"}
+    assert _check(tmp_path, env=vault)["backend"]["key"] == "null"
+    _assert_config_error(run_kleidi("config", "check", env={"KLEIDI_SERVER__ENDPOINT": "null"}),
+                         "server.endpoint", "unix://", "KLEIDI_SERVER__ENDPOINT")
+    # An empty value is an empty value, not null: the setting says what is wrong with it.
+    _assert_config_error(run_kleidi("config", "check", env={"KLEIDI_TELEMETRY__ADDRESS": ""}),
+                         "telemetry.address", "host:port")
+
+
+KUBERNETES_SERVICE_LINKS = {  # what the kubelet injects for `kind: Service, name: kleidi` with two ports
+    "KLEIDI_SERVICE_HOST": "10.96.0.12",
+    "KLEIDI_SERVICE_PORT": "9464",
+    "KLEIDI_SERVICE_PORT_METRICS": "9464",
+    "KLEIDI_SERVICE_PORT_GRPC_PROXY": "8443",
+    "KLEIDI_PORT": "tcp://10.96.0.12:9464",
+    "KLEIDI_PORT_9464_TCP": "tcp://10.96.0.12:9464",
+    "KLEIDI_PORT_9464_TCP_PROTO": "tcp",
+    "KLEIDI_PORT_9464_TCP_PORT": "9464",
+    "KLEIDI_PORT_9464_TCP_ADDR": "10.96.0.12",
+    "KLEIDI_PORT_8443_UDP": "udp://10.96.0.12:8443",
+    "KLEIDI_PORT_8443_SCTP_ADDR": "10.96.0.12",
+}
+
+
+def test_kubernetes_service_link_variables_are_ignored(tmp_path):
+    printed = _check(tmp_path, env={**KUBERNETES_SERVICE_LINKS, "KLEIDI_LOGGING__LEVEL": "debug"})
+    assert printed["logging"]["level"] == "debug"
+    assert printed == {**KleidiSettings().model_dump(mode="json"), "logging": printed["logging"]}
+
+
+@pytest.mark.parametrize("name", ["KLEIDI_PORTS", "KLEIDI_SERVICE", "KLEIDI_PORT_X_TCP", "KLEIDI_PORT_9464_HTTP",
+                                  "KLEIDI_SERVICE_HOSTNAME", "KLEIDI_PORT_9464_TCP_HOST", "KLEIDI_SERVICE_PORT__X"])
+def test_other_unknown_variables_still_fail(tmp_path, name):
+    _assert_config_error(run_kleidi("config", "check", env={name: "1"}), f"environment variable {name}")
 
 
 def test_env_overrides_take_effect(tmp_path):
