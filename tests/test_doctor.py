@@ -163,3 +163,32 @@ def test_vault_clock_skew(short_dir: Path) -> None:
     assert code == 1 and checks["clock skew"]["result"] == "FAIL"
     detail = checks["clock skew"]["detail"]
     assert any(f"+{seconds}s off" in detail for seconds in (3599, 3600, 3601)), detail
+
+
+def test_socket_and_runtime_directories_others_could_replace(kleidi_factory: Any, short_dir: Path) -> None:
+    """The socket's own directory is kleidi's (0700), but one above it is 0777: doctor names it and the fix."""
+    open_dir = short_dir / "open"
+    (open_dir / "run").mkdir(parents=True, mode=0o700)
+    open_dir.chmod(0o777)
+    runtime = open_dir / "runtime"
+    runtime.mkdir(mode=0o700)
+    proc: KleidiProcess = kleidi_factory(start=False, settings={"server": {
+        "endpoint": f"unix://{open_dir}/run/kleidi.sock", "runtime_dir": str(runtime)}})
+    code, checks = doctor(proc.config_path)
+    assert code == 1
+    for name in ("socket directory", "runtime directory"):
+        assert checks[name]["result"] == "FAIL", checks
+        assert f"directory {open_dir} is writable by others (mode 0777" in checks[name]["detail"]
+        assert checks[name]["fix"].startswith(f"chmod go-w {open_dir}")
+    assert checks["socket directory"]["detail"].startswith("server.endpoint:")
+    assert checks["runtime directory"]["detail"].startswith("server.runtime_dir:")
+
+
+def test_encryption_config_that_is_not_text_or_too_deep(kleidi_factory: Any, short_dir: Path) -> None:
+    proc: KleidiProcess = kleidi_factory()
+    for content, needle in ((b"resources:\n- \xff\n", "is not UTF-8 text"), (b"[" * 50_000, "nested more than")):
+        path = short_dir / unique("enc")
+        path.write_bytes(content)
+        code, checks = doctor(proc.config_path, "--encryption-config", str(path))
+        assert code == 1 and checks["EncryptionConfiguration"]["result"] == "FAIL"
+        assert needle in checks["EncryptionConfiguration"]["detail"] and checks["EncryptionConfiguration"]["fix"]

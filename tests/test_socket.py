@@ -365,3 +365,137 @@ def test_the_standard_library_event_loop_serves_too(kleidi_factory: Any) -> None
     sealed = proc.encrypt(seed)
     assert proc.decrypt(sealed.ciphertext, sealed.key_id, sealed.annotations) == seed
     assert proc.stop() == 0
+
+
+# -- every directory above the socket -------------------------------------------------------------
+
+_STEAL = """
+import json, os, socket
+grandparent = argv[0]
+report = {}
+try:
+    os.rename(f"{grandparent}/run", f"{grandparent}/moved-away")  # kleidi's 0700 directory, by its 0777 parent
+except OSError as exc:
+    print(json.dumps({"rename": type(exc).__name__}))
+    raise SystemExit(0)
+os.mkdir(f"{grandparent}/run", 0o755)
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(f"{grandparent}/run/k.sock")
+listener.listen(1)
+print("listening", flush=True)
+listener.settimeout(max(0.1, deadline - time.monotonic()))
+conn, _ = listener.accept()
+print(json.dumps({"rename": "done", "received": conn.recv(100).decode()}))
+"""
+
+
+def _layout(short_dir: Path, grandparent_mode: int) -> tuple[Path, Path]:
+    """The review's layout: the socket's own directory is kleidi's (0700), its parent is not."""
+    short_dir.chmod(0o711)  # the other user must reach the grandparent, as on a real node
+    grandparent = short_dir / "open"
+    grandparent.mkdir()
+    grandparent.chmod(grandparent_mode)
+    (grandparent / "run").mkdir(mode=0o700)
+    return grandparent, grandparent / "run" / "k.sock"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as uid 65534")  # CI runs as root
+def test_socket_under_a_writable_grandparent_is_refused_and_that_layout_is_exploitable(short_dir: Path) -> None:
+    """Only the parent used to be checked: under a 0777 grandparent another user renamed kleidi's 0700
+    directory away, bound its own socket at the configured path and received what the apiserver sent."""
+    from tests.hostile.support import started_as
+
+    grandparent, socket_path = _layout(short_dir, 0o777)
+    keyring = short_dir / "ring.json"
+    keygen(keyring)
+    code, stderr = _serve_once(keyring, socket_path)
+    assert code == 2, stderr
+    assert f"server.endpoint: directory {grandparent} is writable by others (mode 0777" in stderr
+    assert f"fix: chmod go-w {grandparent}" in stderr
+    assert "Traceback" not in stderr
+    assert not socket_path.exists()
+
+    # Why: in exactly this layout a real unprivileged process takes the path over.
+    with started_as(_STEAL, str(grandparent), timeout=20) as attacker:
+        assert attacker.stdout is not None
+        assert attacker.stdout.readline().strip() == "listening", attacker.stderr.read() if attacker.stderr else ""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as apiserver:
+            apiserver.connect(str(socket_path))
+            apiserver.sendall(b"a seed for kleidi")
+        report = __import__("json").loads(attacker.stdout.readline())
+    assert report == {"rename": "done", "received": "a seed for kleidi"}
+    assert os.stat(socket_path.parent).st_uid == 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as uid 65534")  # CI runs as root
+def test_socket_under_a_sticky_grandparent_is_served_and_the_rename_fails(short_dir: Path) -> None:
+    """A sticky world-writable directory (1777, like /tmp) lets only an entry's owner rename it."""
+    from tests.hostile.support import run_as
+
+    grandparent, socket_path = _layout(short_dir, 0o1777)
+    outcome = run_as(_STEAL, str(grandparent), timeout=20)
+    assert outcome.report == {"rename": "PermissionError"}, outcome.stderr
+    keygen(short_dir / "ring.json")
+    proc = KleidiProcess(short_dir, "sticky", keyring=short_dir / "ring.json")
+    proc.socket_path, proc.endpoint = socket_path, f"unix://{socket_path}"
+    proc.config["server"]["endpoint"] = proc.endpoint
+    proc.config_path.write_text(__import__("yaml").safe_dump(proc.config))
+    try:
+        proc.start()
+        assert proc.status().healthz == "ok"
+    finally:
+        assert proc.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chowns a directory to uid 65534")  # CI runs as root
+def test_an_ancestor_owned_by_another_user_is_refused(short_dir: Path) -> None:
+    theirs = short_dir / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    (theirs / "run").mkdir(mode=0o700)
+    keyring = short_dir / "ring.json"
+    keygen(keyring)
+    code, stderr = _serve_once(keyring, theirs / "run" / "k.sock")
+    assert code == 2, stderr
+    assert f"server.endpoint: directory {theirs} is owned by nobody (uid 65534), not by root" in stderr
+    assert f"fix: chown root {theirs}" in stderr
+    assert "Traceback" not in stderr
+    # Nothing was created below it either, when the directories are missing.
+    code, stderr = _serve_once(keyring, theirs / "new" / "k.sock")
+    assert code == 2 and f"directory {theirs} is owned by nobody" in stderr, stderr
+    assert not (theirs / "new").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chowns a symlink to uid 65534")  # CI runs as root
+def test_symlinks_on_the_way_are_checked_then_followed(short_dir: Path) -> None:
+    """Like /var/run -> /run: a link is fine if its owner and its target's directories are."""
+    keyring = short_dir / "ring.json"
+    keygen(keyring)
+    open_dir = short_dir / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    (short_dir / "to-open").symlink_to("open")  # relative, resolved from the link's directory
+    code, stderr = _serve_once(keyring, short_dir / "to-open" / "k.sock")
+    assert code == 2 and f"directory {open_dir} is writable by others" in stderr, stderr
+
+    safe = short_dir / "safe"
+    safe.mkdir(mode=0o700)
+    theirs = short_dir / "their-link"
+    theirs.symlink_to(safe)
+    os.lchown(theirs, 65534, 65534)
+    code, stderr = _serve_once(keyring, theirs / "k.sock")
+    assert code == 2 and f"symbolic link {theirs} is owned by nobody (uid 65534)" in stderr, stderr
+    assert f"fix: chown -h root {theirs}" in stderr
+
+    (short_dir / "sub").mkdir(mode=0o700)
+    (short_dir / "ours").symlink_to(f"{short_dir}/sub/../safe")  # .. from the target's real directory
+    proc = KleidiProcess(short_dir, "linked", keyring=keyring)
+    proc.socket_path, proc.endpoint = short_dir / "ours" / "k.sock", f"unix://{short_dir}/ours/k.sock"
+    proc.config["server"]["endpoint"] = proc.endpoint
+    proc.config_path.write_text(__import__("yaml").safe_dump(proc.config))
+    try:
+        proc.start()
+        assert proc.status().healthz == "ok"
+        assert stat.S_ISSOCK(os.lstat(safe / "k.sock").st_mode)
+    finally:
+        assert proc.stop() == 0
