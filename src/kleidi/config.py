@@ -129,7 +129,22 @@ Url = Annotated[str, BeforeValidator(_check_url),
                 WithJsonSchema({"type": "string", "format": "uri", "pattern": r"^https?://[^/@\s?#]+(/[^\s?#]*)?$"})]
 """A server URL, http(s)://host[:port][/path]; refused if it holds credentials (user:password@)."""
 
-_NO_INPUT_ERRORS = frozenset({"url_credentials", "url_invalid", "mode_not_a_string"})
+def _check_env_name(value: Any) -> Any:
+    # A secret pasted here by mistake would otherwise be echoed in "environment variable <it> is not set".
+    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise PydanticCustomError("env_name_invalid", "expected the name of an environment variable (letters, "
+                                  "digits, _), not its value; fix: put the credential in that variable or in a file "
+                                  "and give its name here (or use the *_file setting)")
+    return value
+
+
+# Optional inside the Annotated, so that the field's annotation stays `str | None` (for the docs).
+OptionalEnvName = Annotated[str | None, BeforeValidator(_check_env_name),
+                            WithJsonSchema({"anyOf": [{"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                                                      {"type": "null"}]})]
+"""The name of an environment variable that holds a credential (never the credential itself), or null."""
+
+_NO_INPUT_ERRORS = frozenset({"url_credentials", "url_invalid", "mode_not_a_string", "env_name_invalid"})
 """Error types whose input is never printed: it may hold a credential, or it misleads (384 for 0600)."""
 
 
@@ -384,7 +399,7 @@ class VaultTokenAuth(_Settings):
     """Auth method."""
     token_file: Path | None = None
     """File holding the token. Re-read whenever it changes, so an external agent can rotate it."""
-    token_env: str | None = None
+    token_env: OptionalEnvName = None
     """Name of an environment variable holding the token (used if token_file is not set)."""
 
     @model_validator(mode="after")
@@ -403,11 +418,11 @@ class VaultAppRoleAuth(_Settings):
     """Path the AppRole auth method is mounted at."""
     role_id_file: Path | None = None
     """File holding the role_id."""
-    role_id_env: str | None = None
+    role_id_env: OptionalEnvName = None
     """Environment variable holding the role_id (if role_id_file is not set)."""
     secret_id_file: Path | None = None
     """File holding the secret_id (re-read at every login)."""
-    secret_id_env: str | None = None
+    secret_id_env: OptionalEnvName = None
     """Environment variable holding the secret_id (if secret_id_file is not set)."""
 
     @model_validator(mode="after")
