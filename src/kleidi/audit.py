@@ -409,12 +409,12 @@ class AuditLog:
             written = self._record_locked(body)
             if written and self._size >= self.max_bytes:
                 rotated = self._rotate_locked()
+            reason = self._failure.reason if self._failure is not None else "unknown error"
         if rotated is not None:
             self._update_anchor(rotated)
         if not written and refuse and self.on_failure == "fail_closed":
-            assert self._failure is not None
-            raise AuditUnavailable(f"audit log cannot be written: {self._failure.reason}; calls are refused until "
-                                   "it can (audit.on_failure: fail_closed)")
+            raise AuditUnavailable(f"audit log cannot be written: {reason}; calls are refused until it can "
+                                   "(audit.on_failure: fail_closed)")
 
     def _record_locked(self, body: dict[str, Any]) -> bool:
         if self._failure is not None and not self._recover_locked():
