@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -134,3 +135,112 @@ def test_busy_port_is_a_clean_start_up_error(short_dir: Path) -> None:
     assert result.returncode == 2
     assert "telemetry.address" in result.stderr and "Traceback" not in result.stderr
     assert not (short_dir / "k.sock").exists()
+
+
+def test_probes_that_arrive_together_share_one_status_call(kleidi_factory: Any) -> None:
+    proc = kleidi_factory()
+    count = 50
+    started = time.monotonic()
+    before = value(samples(proc), "kleidi_requests_total", method="Status", code="OK")
+    barrier = threading.Barrier(count)
+    answers: list[tuple[int, str]] = []
+
+    def probe() -> None:
+        barrier.wait(10)
+        answers.append(get(proc, "/livez"))
+
+    probes = [threading.Thread(target=probe) for _ in range(count)]
+    for thread in probes:
+        thread.start()
+    for thread in probes:
+        thread.join(30)
+    after = value(samples(proc), "kleidi_requests_total", method="Status", code="OK")
+    elapsed = time.monotonic() - started
+    assert answers == [(200, "ok\n")] * count
+    # One Status call in flight at most, and an answer is reused for a second.
+    assert 1 <= after - before <= 1 + elapsed, (before, after, elapsed)
+
+
+def read_all(conn: socket.socket) -> bytes:
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    return data
+
+
+def raw_exchange(port: int, request: bytes, host: str = "127.0.0.1", timeout: float = 3) -> bytes:
+    """Send ``request`` on a fresh connection and read until kleidi closes it (b"" if it closes at once)."""
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        try:
+            conn.sendall(request)
+            return read_all(conn)
+        except ConnectionResetError:
+            return b""
+
+
+def test_at_the_limit_idle_connections_make_room_and_busy_ones_are_kept(kleidi_factory: Any) -> None:
+    proc = kleidi_factory(settings={"telemetry": {"max_connections": 4, "request_timeout": "30s"}})
+    port = proc.metrics_port
+
+    # Connections that send nothing hold every slot; a probe takes the oldest one's.
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+    try:
+        assert get(proc, "/readyz") == (200, "ok\n")
+        idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        assert get(proc, "/livez") == (200, "ok\n")
+        for conn in idle[:2]:
+            assert conn.recv(100) == b""  # closed by kleidi long before request_timeout (30s)
+        for conn in idle[2:]:
+            conn.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                conn.recv(100)  # still open: younger than the two that made room
+    finally:
+        for conn in idle:
+            conn.close()
+    assert value(samples(proc), "kleidi_telemetry_connections_rejected_total", reason="limit") == 2
+
+    # Four scrapes waiting for the next rendering (at most one a second) are busy: a fifth
+    # connection is closed at once, and the four are answered.
+    request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for _attempt in range(5):
+        assert get(proc, "/metrics")[0] == 200
+        busy = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+        try:
+            for conn in busy:
+                conn.sendall(request)
+            time.sleep(0.1)  # let kleidi read the four requests (if it does not, this attempt proves nothing)
+            fifth = raw_exchange(port, b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answers = [read_all(conn) for conn in busy]
+        finally:
+            for conn in busy:
+                conn.close()
+        if fifth == b"":
+            assert all(answer.startswith(b"HTTP/1.1 200 OK\r\n") for answer in answers)
+            break
+    else:
+        raise AssertionError("the fifth connection was answered every time: the four scrapes never kept it out")
+    assert "Traceback" not in proc.log()
+
+
+def test_listener_on_the_ipv6_loopback(kleidi_factory: Any) -> None:
+    port = free_port()
+    proc = kleidi_factory(settings={"telemetry": {"address": f"[::1]:{port}"}})
+    answer = raw_exchange(port, b"GET /readyz HTTP/1.1\r\nHost: [::1]\r\n\r\n", host="::1")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok\n")
+    assert proc.stop() == 0
+
+
+def test_stop_closes_open_connections_and_the_listener(kleidi_factory: Any) -> None:
+    proc = kleidi_factory()
+    idle = [socket.create_connection(("127.0.0.1", proc.metrics_port), timeout=5) for _ in range(3)]
+    try:
+        assert get(proc, "/livez") == (200, "ok\n")  # the Status channel is open, and closed at stop
+        assert proc.stop() == 0
+        for conn in idle:
+            assert conn.recv(100) == b""
+    finally:
+        for conn in idle:
+            conn.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", proc.metrics_port), timeout=5).close()
+    assert "Traceback" not in proc.log() and '"stopped"' in proc.log()

@@ -181,15 +181,14 @@ class Server:
                                   "exists and is writable")
             await server.start()
 
-    def _live(self) -> tuple[bool, str]:
+    async def _live(self) -> tuple[bool, str]:
         """/livez: the gRPC server answers Status on its socket (Status never calls the backend, so a
-        backend outage does not make kleidi look dead and get it restarted)."""
+        backend outage does not make kleidi look dead and get it restarted). Asynchronous: the
+        listener runs on the event loop that answers the call."""
         from kleidi._proto.kmsv2 import api_pb2 as v2_pb
-        from kleidi.client import channel
 
         try:
-            with channel(self.endpoint.url) as chan:
-                v2_grpc.KeyManagementServiceStub(chan).Status(v2_pb.StatusRequest(), timeout=2)
+            await v2_grpc.KeyManagementServiceStub(self._live_channel).Status(v2_pb.StatusRequest(), timeout=2)
         except grpc.RpcError as exc:
             return False, f"gRPC server does not answer: {exc.code().name}"
         return True, "ok"
@@ -199,16 +198,21 @@ class Server:
         health = self.keys.health
         return health.ok, health.detail
 
-    def _start_health_server(self) -> telemetry.HealthServer | None:
-        address = self.settings.telemetry.address
+    async def _start_health_server(self) -> telemetry.HealthServer | None:
+        settings = self.settings.telemetry
+        address = settings.address
         if address is None:
             return None
         try:
-            health = telemetry.HealthServer(address, self._live, self._ready)
+            health = telemetry.HealthServer(address, self._live, self._ready, max_connections=settings.max_connections,
+                                            request_timeout=settings.request_timeout)
         except OSError as exc:
             raise ConfigError(f"telemetry.address: cannot listen on {address}: {exc.strerror}; fix: choose a free "
                               "port, or set telemetry.address: null to turn metrics and health endpoints off") from None
-        health.start()
+        # One channel for every /livez probe (a channel per probe costs a connection each), closed in run().
+        self._live_channel = grpc.aio.insecure_channel(self.endpoint.grpc_address,
+                                                       options=[("grpc.default_authority", "localhost")])
+        await health.start()
         log.info("metrics and health on http://%s (/metrics, /livez, /readyz)", address)
         return health
 
@@ -244,7 +248,7 @@ class Server:
         audit_log = self._open_audit()
         server = await self._start_grpc()
         try:
-            health_server = self._start_health_server()
+            health_server = await self._start_health_server()
         except ConfigError:
             await server.stop(None)
             await self._release_socket()
@@ -282,7 +286,8 @@ class Server:
             await server.stop(grace)
         finally:
             if health_server is not None:
-                health_server.stop()
+                await health_server.stop()
+                await self._live_channel.close()
             for task in (syncer, watcher):
                 if task is not None:
                     task.cancel()
