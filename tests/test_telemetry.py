@@ -244,3 +244,21 @@ def test_stop_closes_open_connections_and_the_listener(kleidi_factory: Any) -> N
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", proc.metrics_port), timeout=5).close()
     assert "Traceback" not in proc.log() and '"stopped"' in proc.log()
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_the_listener_behaves_the_same_on_either_event_loop(kleidi_factory: Any, event_loop: str) -> None:
+    proc = kleidi_factory(settings={"server": {"event_loop": event_loop}, "telemetry": {"request_timeout": "1s"}})
+    port, host = proc.metrics_port, b"Host: 127.0.0.1\r\n"
+    assert get(proc, "/livez") == (200, "ok\n") and get(proc, "/readyz") == (200, "ok\n")
+    assert "kleidi_metrics_renders_total" in get(proc, "/metrics")[1]
+    assert raw_exchange(port, b"POST /livez HTTP/1.1\r\n" + host + b"\r\n").startswith(b"HTTP/1.1 405 ")
+    assert raw_exchange(port, b"\x00\x01\x02\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    head = raw_exchange(port, b"HEAD /metrics HTTP/1.1\r\n" + host + b"\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"GET /readyz HTTP/1.1\r\n" + host + b"\r\n")
+        conn.shutdown(socket.SHUT_WR)  # a client that half-closes after its request still gets the answer
+        assert read_all(conn).endswith(b"\r\n\r\nok\n")
+    assert raw_exchange(port, b"GET /readyz HTTP/1.1\r\n").startswith(b"HTTP/1.1 408 ")  # never finishes its head
+    assert "Traceback" not in proc.log()

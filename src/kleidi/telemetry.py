@@ -179,7 +179,7 @@ class _Connection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._transport = transport
         if self._server.admit(self):
-            self._arm(self._timed_out)
+            self._arm()
         else:
             self._state = _State.CLOSED
             transport.abort()
@@ -192,6 +192,9 @@ class _Connection(asyncio.Protocol):
             self._parse()
         except _Refusal as refusal:
             self._refuse(refusal)
+        except Exception as exc:  # a bug of ours: one line, not a traceback per connection
+            log.warning("telemetry: dropped a connection on an internal error: %r", exc)
+            self.abort()
 
     def eof_received(self) -> bool:
         self._peer_eof = True
@@ -238,32 +241,34 @@ class _Connection(asyncio.Protocol):
         self._server.busy(self)
         assert self._transport is not None
         self._transport.pause_reading()  # nothing more is read until the answer is out
-        self._arm(self._timed_out)  # a fresh request_timeout for the answer
+        self._arm()  # a fresh request_timeout for the answer
         self._task = asyncio.get_running_loop().create_task(self._answer(method, path))
 
     async def _answer(self, method: str, path: str) -> None:
         endpoint = _ENDPOINTS.get(path, "other")
-        head_only = method == "HEAD"
         try:
-            if endpoint == "metrics":
-                self._send(HTTPStatus.OK, await self._server.metrics(), CONTENT_TYPE_LATEST, endpoint, head_only)
-                return
-            if endpoint == "other":
-                self._send(HTTPStatus.NOT_FOUND, b"not found: try /metrics, /livez or /readyz\n", _TEXT, endpoint,
-                           head_only)
-                return
-            ok, detail = await self._server.livez() if endpoint == "livez" else self._server.ready()
+            status, body, content_type = await self._produce(endpoint)
         except Exception as exc:  # logged where it happened (the rendering); answered here
             log.debug("telemetry: cannot answer %s: %r", path, exc)
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", _TEXT, endpoint, head_only)
-            return
-        status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
-        self._send(status, (detail + "\n").encode(), _TEXT, endpoint, head_only)
+            status, body, content_type = HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", _TEXT
+        try:
+            self._send(status, body, content_type, endpoint, head_only=method == "HEAD")
+        except Exception as exc:  # a task's exception would be logged with a traceback at exit
+            log.debug("telemetry: cannot send the answer to %s: %r", self._peer(), exc)
+            self.abort()
+
+    async def _produce(self, endpoint: str) -> tuple[HTTPStatus, bytes, str]:
+        if endpoint == "metrics":
+            return HTTPStatus.OK, await self._server.metrics(), CONTENT_TYPE_LATEST
+        if endpoint == "other":
+            return HTTPStatus.NOT_FOUND, b"not found: try /metrics, /livez or /readyz\n", _TEXT
+        ok, detail = await self._server.livez() if endpoint == "livez" else self._server.ready()
+        return HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, (detail + "\n").encode(), _TEXT
 
     def _refuse(self, refusal: _Refusal) -> None:
         log.debug("telemetry: %d to %s: %s", refusal.status, self._peer(), refusal.why)
         allow = "Allow: GET, HEAD\r\n" if refusal.status == HTTPStatus.METHOD_NOT_ALLOWED else ""
-        self._arm(self._timed_out)
+        self._arm()
         self._send(refusal.status, (refusal.why + "\n").encode(), _TEXT, "other", extra=allow)
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, endpoint: str, head_only: bool = False,
@@ -275,14 +280,14 @@ class _Connection(asyncio.Protocol):
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n")
         transport = self._transport
         transport.writelines([head.encode("latin-1"), b"" if head_only else body])
+        # The timer still runs: a client that does not take its answer is cut off at the deadline.
+        self._state = _State.LINGERING
+        self._server.idle(self)
         if self._peer_eof:
             transport.close()  # sends what is buffered first
-            self._state = _State.CLOSED
             return
         # Half-close and read on: closing with unread input would reset the connection, and a reset
         # can reach the client before the answer it has not read yet.
-        self._state = _State.LINGERING
-        self._server.idle(self)
         transport.write_eof()
         transport.resume_reading()
 
@@ -293,14 +298,13 @@ class _Connection(asyncio.Protocol):
         if state is _State.READING:
             TELEMETRY_REJECTED.labels("timeout").inc()
             log.debug("telemetry: %s sent no complete request in time", self._peer())
-            body = b"no complete request in time\n"
-            TELEMETRY_REQUESTS.labels("other", "408").inc()
-            transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: " + _TEXT.encode() +
-                            b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-        elif state is _State.ANSWERING or transport.get_write_buffer_size():
+            self._send(HTTPStatus.REQUEST_TIMEOUT, b"no complete request in time\n", _TEXT, "other")
+            self.abort(flush=True)  # no lingering: this client already had its time
+            return
+        if state is _State.ANSWERING or transport.get_write_buffer_size():
             TELEMETRY_REJECTED.labels("timeout").inc()
             log.debug("telemetry: %s did not take its answer in time", self._peer())
-        self.abort(flush=state is _State.READING)
+        self.abort()
 
     def abort(self, flush: bool = False) -> None:
         """Close now (after the few bytes already queued, with ``flush``); the client gets no more."""
@@ -312,10 +316,10 @@ class _Connection(asyncio.Protocol):
                 self._transport.abort()
         self._server.forget(self)
 
-    def _arm(self, callback: Callable[[], None]) -> None:
+    def _arm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self._server.request_timeout, callback)
+        self._timer = asyncio.get_running_loop().call_later(self._server.request_timeout, self._timed_out)
 
     def _peer(self) -> str:
         peer = self._transport.get_extra_info("peername") if self._transport is not None else None
