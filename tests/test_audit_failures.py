@@ -203,7 +203,11 @@ def test_fail_closed_under_a_real_server(kleidi_factory: Any, short_dir: Path, s
 
     log_path = small_disk / "audit.jsonl"
     filler = fill(small_disk)  # full before kleidi starts: it starts anyway, and refuses unrecorded calls
-    proc = kleidi_factory(settings={"audit": {"path": str(log_path), "fsync": "always", "on_failure": "fail_closed"}})
+    proc = kleidi_factory(start=False,
+                          settings={"audit": {"path": str(log_path), "fsync": "always", "on_failure": "fail_closed"}})
+    proc.start(wait=False)
+    wait_for(lambda: "serving KMS" in proc.log(), 20, "kleidi to start")
+    assert proc.status().healthz.startswith(f"audit log cannot be written: {NO_SPACE}")  # and it says so
     for call in (lambda: proc.encrypt(os.urandom(32), uid="refused"),
                  lambda: proc.decrypt(sealed.ciphertext, sealed.key_id, sealed.annotations, uid="refused")):
         with pytest.raises(grpc.RpcError) as refused:
@@ -261,3 +265,40 @@ def test_fail_open_under_a_real_server(kleidi_factory: Any, small_disk: Path) ->
         assert f"gap: {gap['lost']} records lost at seq {gap['seq']} ({NO_SPACE})" in result.stderr
     assert run_kleidi("audit", "verify", "--allow-gaps", str(log_path)).returncode == 0
     assert_no_secret_written(small_disk, proc.plaintexts_sent)
+
+
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
+def test_status_readyz_and_metrics_tell_the_truth_about_a_full_audit_disk(kleidi_factory: Any, small_disk: Path,
+                                                                         policy: str) -> None:
+    from tests.test_telemetry import get
+
+    proc = kleidi_factory(settings={"audit": {"path": str(small_disk / "audit.jsonl"), "on_failure": policy}})
+    filler = fill(small_disk)
+    refused = served = 0
+    for n in range(500):  # until a record is lost: a cut-short write may still have found room
+        try:
+            proc.encrypt(os.urandom(32), uid=f"n{n}")
+            served += 1
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            refused += 1
+            break
+        if metric(scrape(proc), "kleidi_audit_write_failures_total") >= 1:
+            break
+    text = scrape(proc)
+    assert metric(text, "kleidi_audit_write_failures_total") >= 1 and metric(text, "kleidi_audit_healthy") == 0
+    healthz = proc.status().healthz
+    code, body = get(proc, "/readyz")
+    assert code == 503 and f"audit log cannot be written: {NO_SPACE}" in body
+    if policy == "fail_closed":
+        assert refused == 1 and "audit log cannot be written" in healthz  # the apiserver is told
+        assert metric(text, "kleidi_healthy") == 0
+        assert 'kleidi_requests_total{code="UNAVAILABLE",method="Encrypt"} 1.0' in text
+    else:
+        assert refused == 0 and healthz == "ok"  # served, and Status must not fail the apiserver's readiness
+        assert metric(text, "kleidi_healthy") == 1
+        assert f'kleidi_requests_total{{code="OK",method="Encrypt"}} {float(served)}' in text
+    filler.unlink()
+    wait_for(lambda: proc.status().healthz == "ok" and get(proc, "/readyz")[0] == 200, 10, "recovery")
+    assert metric(scrape(proc), "kleidi_audit_healthy") == 1 and metric(scrape(proc), "kleidi_healthy") == 1
+    assert proc.stop() == 0

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import pytest
 
-from kleidi import telemetry
+from kleidi import audit, telemetry
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from kleidi.backends.base import KeySet, KeyVersion
@@ -190,3 +190,23 @@ def test_a_foreign_exception_in_the_metrics_does_not_change_the_answer(in_proces
     monkeypatch.undo()
     assert in_process.healthz() == "ok"
 
+
+
+def test_a_foreign_exception_in_the_audit_writer_refuses_calls_and_health_says_so(
+        in_process: InProcessKleidi, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: audit.AuditLog, body: dict[str, Any]) -> None:
+        raise RuntimeError(SECRET_LOOKING)
+
+    monkeypatch.setattr(audit.AuditLog, "_append_locked", broken)
+    with pytest.raises(grpc.RpcError) as info:
+        in_process.encrypt()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # fail_closed, the default: no unrecorded answer
+    assert info.value.details() == ("audit log cannot be written: internal error (RuntimeError); calls are refused "
+                                    "until it can (audit.on_failure: fail_closed)")
+    assert in_process.healthz().startswith("audit log cannot be written: internal error (RuntimeError)")
+    assert in_process.readyz()[0] == 503
+    monkeypatch.undo()
+    wait_for(lambda: in_process.healthz() == "ok", 10, "the audit log to recover by itself")
+    assert in_process.encrypt().key_id
+    gap = next(r for r in in_process.records() if r["event"] == "audit_gap")
+    assert gap["lost_by_event"] == {"Encrypt": 1} and gap["reason"] == "internal error (RuntimeError)"

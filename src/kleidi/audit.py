@@ -101,8 +101,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def _reason(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return f"internal error ({type(exc).__name__})"  # never a foreign exception's text: it may quote data
 
 
 # ------------------------------------------------------------------------------------------------ bounds
@@ -422,7 +424,7 @@ class AuditLog:
             return False
         try:
             self._append_locked(body)
-        except OSError as exc:
+        except Exception as exc:  # a bug is a lost record too: counted, reported, never a torn line
             self._lose_locked(body, exc)
             return False
         return True
@@ -460,7 +462,7 @@ class AuditLog:
         self.records_written += 1
         telemetry.AUDIT_RECORDS.inc()
 
-    def _lose_locked(self, body: dict[str, Any], exc: OSError | None) -> None:
+    def _lose_locked(self, body: dict[str, Any], exc: Exception | None) -> None:
         event = str(body["event"])
         if self._failure is None:
             reason = _reason(exc) if exc is not None else "unknown error"

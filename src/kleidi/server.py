@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import os
@@ -69,7 +68,7 @@ class Server:
             new = self._reload_settings()
         except KleidiError as exc:
             log.error("config reload refused; the running configuration stays in force: %s", exc)
-            audit.emit("config_reload", outcome="refused")
+            audit.note("config_reload", outcome="refused")
             return False
         if new == self.settings:
             log.info("SIGHUP: configuration unchanged; re-reading keys")
@@ -83,7 +82,7 @@ class Server:
             except (KleidiError, TimeoutError) as exc:
                 log.error("config reload refused: the new backend does not work (%s); the running configuration "
                           "stays in force", exc or "no answer in time")
-                audit.emit("config_reload", outcome="refused")
+                audit.note("config_reload", outcome="refused")
                 return False
             old, self.backend = self.backend, backend
             b = new.backend
@@ -97,7 +96,7 @@ class Server:
             log.warning("config reload: changes to %s take effect only after a restart", ", ".join(fixed))
         self.settings = new.model_copy(update={name: getattr(self.settings, name) for name in fixed})
         log.info("configuration reloaded (%s)", self.backend.describe())
-        audit.emit("config_reload", outcome="applied", backend=self.backend.kind)
+        audit.note("config_reload", outcome="applied", backend=self.backend.kind)
         return True
 
     async def _watch_config(self, path: Path) -> None:
@@ -194,8 +193,11 @@ class Server:
         return True, "ok"
 
     def _ready(self) -> tuple[bool, str]:
-        """/readyz: the backend is usable now, as the background refresh and probe last saw it."""
+        """/readyz: the backend is usable now, as the background refresh and probe last saw it, and
+        the audit log can be written (under fail_open too, where Status stays ok for the apiserver)."""
         health = self.keys.health
+        if health.ok and audit.problem() is not None:
+            return False, str(audit.problem())
         return health.ok, health.detail
 
     async def _start_health_server(self) -> telemetry.HealthServer | None:
@@ -295,10 +297,14 @@ class Server:
                 audit.activate(None)
                 audit_log.close()
             refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
-            await self._release_socket()
-            await self.backend.close()
+            # Each step runs whatever the others did: the socket and private directory must go.
+            for step in (lambda: refresher, self._release_socket, self.backend.close):
+                try:
+                    await step()
+                except asyncio.CancelledError:
+                    pass
+                except Exception as exc:
+                    log.error("shutdown: %s", type(exc).__name__)
             log.info("stopped")
 
 

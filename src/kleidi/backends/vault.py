@@ -295,7 +295,7 @@ class _VaultHTTP:
                                          f"{exc}") from None
             self.logins += 1
             telemetry.VAULT_LOGINS.inc()
-            audit.emit("vault_login", method=type(self.auth).__name__.strip("_").removesuffix("Auth").lower(),
+            audit.note("vault_login", method=type(self.auth).__name__.strip("_").removesuffix("Auth").lower(),
                        ttl_s=token.lease)
             telemetry.VAULT_TOKEN_EXPIRY.set(time.time() + token.lease if token.lease else 0)
             log.info("logged in to Vault (%s); token valid for %s", type(self.auth).__name__.strip("_"),
@@ -326,7 +326,7 @@ class _VaultHTTP:
         token.lease, token.obtained = lease, time.monotonic()
         self.renewals += 1
         telemetry.VAULT_RENEWALS.inc()
-        audit.emit("vault_renewal", ttl_s=lease)
+        audit.note("vault_renewal", ttl_s=lease)
         telemetry.VAULT_TOKEN_EXPIRY.set(time.time() + lease if lease else 0)
         log.info("Vault token renewed for %.0fs", lease)
         return True

@@ -63,10 +63,15 @@ class KeyManager:
         self._probed_generation: object = object()
         self._last_refresh = 0.0
         self._refresh_lock = asyncio.Lock()
+        # Read at each scrape, so the gauge can never disagree with what Status says.
+        telemetry.HEALTHY.set_function(lambda: 1.0 if self.health.ok else 0.0)
 
     @property
     def health(self) -> Health:
+        """What Status reports: the backend's state, and an audit log that refuses calls (fail_closed)."""
         problem = self._refresh_error or self._probe_error
+        if problem is None and audit.fails_closed():
+            problem = audit.problem()
         return Health(ok=problem is None, detail=problem or "ok")
 
     def swap_backend(self, backend: Backend, key_set: KeySet, refresh_interval: float, probe_interval: float,
@@ -77,7 +82,6 @@ class KeyManager:
         self._refresh_error = self._probe_error = None
         self._probed_generation = key_set.generation
         telemetry.set_current_key(key_set.current.key_id)
-        self._publish()
         self.trigger()
 
     def trigger(self) -> None:
@@ -118,7 +122,6 @@ class KeyManager:
             if reason != self._refresh_error:
                 log.error("cannot load keys from %s: %s", self.backend.describe(), reason)
             self._refresh_error = reason
-            self._publish()
             return self.key_set
         previous, self.key_set = self.key_set, key_set
         self._last_refresh = time.monotonic()
@@ -130,20 +133,16 @@ class KeyManager:
             telemetry.set_current_key(key_set.current.key_id)
             if previous is not None:
                 telemetry.ROTATIONS.inc()
-                audit.emit("key_rotation", key_id=key_set.current.key_id, previous_key_id=previous.current.key_id,
+                audit.note("key_rotation", key_id=key_set.current.key_id, previous_key_id=previous.current.key_id,
                            backend=self.backend.kind)
             log.info("current KEK: key_id %s (version %d)", key_set.current.key_id, key_set.current.version,
                      extra={"fields": {"key_id": key_set.current.key_id,
                                        "previous_key_id": previous.current.key_id if previous else None}})
         for key_id in sorted(set(key_set.retired) - set(previous.retired if previous else key_set.retired)):
-            audit.emit("key_retired", key_id=key_id, backend=self.backend.kind)
+            audit.note("key_retired", key_id=key_id, backend=self.backend.kind)
         if key_set.generation != self._probed_generation or (recovered and self._probe_error is not None):
             await self.probe()
-        self._publish()
         return key_set
-
-    def _publish(self) -> None:
-        telemetry.HEALTHY.set(1 if self.health.ok else 0)
 
     async def refresh_soon(self, min_age: float = 1.0) -> KeySet | None:
         """Refresh now unless that happened within ``min_age`` seconds; concurrent callers share one
@@ -165,13 +164,11 @@ class KeyManager:
             if reason != self._probe_error:
                 log.error("%s (%s)", reason, self.backend.describe())
             self._probe_error = reason
-            self._publish()
             return
         if self._probe_error is not None and self._probe_error != "not probed yet":
             log.info("health probe passes again (%s)", self.backend.describe())
         self._probe_error = None
         self._probed_generation = key_set.generation
-        self._publish()
 
     async def run(self) -> None:
         """Refresh and probe forever; cancel to stop. Nothing ends the loop but cancellation: a
@@ -194,4 +191,3 @@ class KeyManager:
                     log.error("%s", reason, extra={"fields": {
                         "traceback": "".join(traceback.format_tb(exc.__traceback__))}})
                 self._refresh_error = reason
-                self._publish()
