@@ -405,6 +405,20 @@ def test_default_settings_validate_against_schema(schema):
     assert errors == []
 
 
+def test_every_default_in_the_schema_is_valid_for_its_own_property(schema):
+    """An editor fills in the schema's defaults: socket_mode's used to be 384, which kleidi refuses."""
+    checked = 0
+    for model in [schema, *schema["$defs"].values()]:
+        for name, prop in model.get("properties", {}).items():
+            if "default" not in prop:
+                continue
+            sub = {"$defs": schema["$defs"], **{k: v for k, v in prop.items() if k != "default"}}
+            errors = list(jsonschema.Draft202012Validator(sub).iter_errors(prop["default"]))
+            assert errors == [], f"{name}: default {prop['default']!r}: {errors[0].message}"
+            checked += 1
+    assert checked > 30
+
+
 def test_documented_value_forms_validate_against_schema(schema):
     """What docs/configuration.md tells people to write (durations with units, octal strings) is valid."""
     validator = jsonschema.Draft202012Validator(schema)

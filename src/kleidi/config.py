@@ -161,7 +161,8 @@ class ServerSettings(_Settings):
     """Socket the plugin listens on: unix:///absolute/path, or unix:///@name for a Linux abstract
     socket. Use the same value as `endpoint` in the EncryptionConfiguration."""
 
-    socket_mode: SocketMode = 0o600
+    # The schema's default is what a file holds ("0600"); pydantic would put the parsed 384 there.
+    socket_mode: SocketMode = Field(default=0o600, json_schema_extra={"default": "0600"})
     """Permission bits of the socket file, as a quoted octal string ("0600"; an unquoted YAML number
     is refused, since 0600 and 600 would both be misread). The apiserver runs as root, so 0600 is
     enough; widen only together with socket_group, e.g. "0660". Read and write bits only (no
