@@ -106,6 +106,12 @@ BAD_SETTINGS = [
     pytest.param("backend:\n  kind: vault\n  address: vault.example.com:8200\n  key: k\n"
                  "  auth: {method: token, token_env: T}\n", ["backend.address", "http:// or https://"],
                  id="vault-address-without-scheme"),
+    pytest.param("server:\n  shutdown_timeout: .inf\n", ["server.shutdown_timeout", "at most 30 days"],
+                 id="infinite-duration"),
+    pytest.param("backend:\n  refresh_interval: " + "9" * 400 + "\n", ["backend.refresh_interval", "at most 30 days"],
+                 id="huge-duration"),
+    pytest.param("backend:\n  probe_interval: 1000000h\n", ["backend.probe_interval", "at most 30 days"],
+                 id="duration-over-30-days"),
 ]
 
 

@@ -47,17 +47,26 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+MAX_DURATION = 30 * 24 * 3600.0
+"""No interval or timeout of kleidi's needs more than 30 days; a larger one (or inf) is a typo."""
+
+
 def _parse_duration(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 500ms, 5s, 1m or a number of seconds")
+    seconds: float
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value) if abs(value) <= MAX_DURATION else float("inf")
+    elif isinstance(value, str):
         match = _DURATION_RE.match(value)
         if not match:
             raise ValueError(f"expected a duration such as 500ms, 5s, 1m or a number of seconds, got {value!r}")
-        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    return value
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        return value
+    if not seconds <= MAX_DURATION:  # also false for nan
+        raise ValueError("expected a duration of at most 30 days (720h)")
+    return seconds
 
 
 _MODE_RE = re.compile(r"(?:0o)?([0-7]{3,4})")
@@ -95,7 +104,7 @@ def _safe_socket_mode(mode: int) -> int:
 Duration = Annotated[float, BeforeValidator(_parse_duration),
                      Field(gt=0, json_schema_extra={"x-kleidi-type": "duration"}),
                      WithJsonSchema({"anyOf": [
-                         {"type": "number", "exclusiveMinimum": 0},
+                         {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DURATION},
                          {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"}]})]
 FileMode = Annotated[int, BeforeValidator(_parse_mode),
                      PlainSerializer(lambda v: f"{v:04o}", return_type=str),
