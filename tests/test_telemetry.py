@@ -139,7 +139,7 @@ def test_busy_port_is_a_clean_start_up_error(short_dir: Path) -> None:
 
 def test_probes_that_arrive_together_share_one_status_call(kleidi_factory: Any) -> None:
     proc = kleidi_factory()
-    count = 50
+    count = 20  # under max_connections (32): more would be closed at the limit, by design
     started = time.monotonic()
     before = value(samples(proc), "kleidi_requests_total", method="Status", code="OK")
     barrier = threading.Barrier(count)

@@ -187,7 +187,8 @@ class Server:
         from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 
         try:
-            await v2_grpc.KeyManagementServiceStub(self._live_channel).Status(v2_pb.StatusRequest(), timeout=2)
+            stub = v2_grpc.KeyManagementServiceStub(self._live_channel)
+            await stub.Status(v2_pb.StatusRequest(), timeout=telemetry.LIVE_TIMEOUT)
         except grpc.RpcError as exc:
             return False, f"gRPC server does not answer: {exc.code().name}"
         return True, "ok"

@@ -104,6 +104,10 @@ _MAX_HEAD = 8 * 1024  # request line and headers; probes and scrapers send a few
 _MAX_HEADER_LINES = 100
 _RENDER_INTERVAL = 1.0  # seconds between renderings of /metrics, however many scrapes arrive
 _LIVE_MAX_AGE = 1.0  # seconds a /livez answer is reused
+LIVE_TIMEOUT = 2.0  # seconds for the Status call behind /livez (Server._live)
+# kleidi's own share of an answer: the wait for the next rendering, or one Status call. It is not the
+# client's time, so it does not come out of request_timeout.
+_ANSWER_BOUND = max(_RENDER_INTERVAL, LIVE_TIMEOUT) + 1.0
 _WARN_INTERVAL = 60.0  # seconds between warnings that the connection limit was hit
 _ENDPOINTS = {"/metrics": "metrics", "/livez": "livez", "/readyz": "readyz"}
 _TEXT = "text/plain; charset=utf-8"
@@ -179,7 +183,7 @@ class _Connection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._transport = transport
         if self._server.admit(self):
-            self._arm()
+            self._arm(self._server.request_timeout)
         else:
             self._state = _State.CLOSED
             transport.abort()
@@ -241,7 +245,7 @@ class _Connection(asyncio.Protocol):
         self._server.busy(self)
         assert self._transport is not None
         self._transport.pause_reading()  # nothing more is read until the answer is out
-        self._arm()  # a fresh request_timeout for the answer
+        self._arm(_ANSWER_BOUND)
         self._task = asyncio.get_running_loop().create_task(self._answer(method, path))
 
     async def _answer(self, method: str, path: str) -> None:
@@ -268,7 +272,6 @@ class _Connection(asyncio.Protocol):
     def _refuse(self, refusal: _Refusal) -> None:
         log.debug("telemetry: %d to %s: %s", refusal.status, self._peer(), refusal.why)
         allow = "Allow: GET, HEAD\r\n" if refusal.status == HTTPStatus.METHOD_NOT_ALLOWED else ""
-        self._arm()
         self._send(refusal.status, (refusal.why + "\n").encode(), _TEXT, "other", extra=allow)
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, endpoint: str, head_only: bool = False,
@@ -280,7 +283,7 @@ class _Connection(asyncio.Protocol):
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n")
         transport = self._transport
         transport.writelines([head.encode("latin-1"), b"" if head_only else body])
-        # The timer still runs: a client that does not take its answer is cut off at the deadline.
+        self._arm(self._server.request_timeout)  # for the client to take its answer, then it is cut off
         self._state = _State.LINGERING
         self._server.idle(self)
         if self._peer_eof:
@@ -301,7 +304,10 @@ class _Connection(asyncio.Protocol):
             self._send(HTTPStatus.REQUEST_TIMEOUT, b"no complete request in time\n", _TEXT, "other")
             self.abort(flush=True)  # no lingering: this client already had its time
             return
-        if state is _State.ANSWERING or transport.get_write_buffer_size():
+        if state is _State.ANSWERING:
+            TELEMETRY_REJECTED.labels("timeout").inc()
+            log.debug("telemetry: no answer ready for %s within %.0fs", self._peer(), _ANSWER_BOUND)
+        elif transport.get_write_buffer_size():
             TELEMETRY_REJECTED.labels("timeout").inc()
             log.debug("telemetry: %s did not take its answer in time", self._peer())
         self.abort()
@@ -316,10 +322,10 @@ class _Connection(asyncio.Protocol):
                 self._transport.abort()
         self._server.forget(self)
 
-    def _arm(self) -> None:
+    def _arm(self, seconds: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self._server.request_timeout, self._timed_out)
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._timed_out)
 
     def _peer(self) -> str:
         peer = self._transport.get_extra_info("peername") if self._transport is not None else None
