@@ -24,10 +24,26 @@ stops kleidi with a message that names the field and the fix, and a non-zero exi
 
 - Environment variables: `KLEIDI_` + the setting's path in upper case with `__` between levels,
   e.g. `KLEIDI_SERVER__ENDPOINT=unix:///run/kleidi.sock`, `KLEIDI_BACKEND__REFRESH_INTERVAL=2s`.
-  An unknown `KLEIDI_*` variable is an error, not silently ignored.
-- Durations take a number of seconds or a string with a unit: `500ms`, `5s`, `1m`, `1h`.
-- File modes are octal strings: `"0600"`.
-- No setting takes a secret on the command line; backends that need credentials read them from files.
+  An unknown `KLEIDI_*` variable is an error, not silently ignored, except exactly the ones
+  Kubernetes injects for a Service named `kleidi` (`KLEIDI_SERVICE_HOST`, `KLEIDI_SERVICE_PORT*`,
+  `KLEIDI_PORT*`). Set `enableServiceLinks: false` in kleidi's Pod anyway: a Service named, say,
+  `kleidi-metrics` injects `KLEIDI_METRICS_*` variables, which are not ignored. `null` in a variable
+  means null for the settings that accept it (`KLEIDI_TELEMETRY__ADDRESS=null` turns the listener
+  off); for any other setting it is the string "null". An empty value is an empty string.
+- Durations take a number of seconds or a string with a unit: `500ms`, `5s`, `1m`, `1h`; at most
+  30 days.
+- File modes are quoted octal strings: `"0600"`, `"0660"` (also `"600"`, `"0o600"`). An unquoted
+  number is refused with the fix `quote it: "0600"`: YAML reads `0600` as 384 and `600` as decimal
+  600 (which used to become mode 0o1130), and once parsed the two cannot be told apart.
+  `server.socket_mode` takes read and write bits only; bits for others (`"0666"`) only with
+  `server.authenticate_callers: true`, where the kernel-checked caller allowlist decides.
+- A config file holds at most 1 MiB of UTF-8 text, nested at most 32 levels. Keys are unique in
+  each mapping: a duplicate is refused with both line numbers (YAML merge keys `<<` still work).
+- URL settings (`backend.address`) never hold credentials: `http://user:password@host`, `?query`
+  and `#fragment` are refused, and the error shows `http://***@host`. Error messages show at most
+  60 characters of a value.
+- No setting takes a secret on the command line or in the file; backends that need credentials
+  read them from files or from named environment variables.
 - `kleidi config schema` prints the JSON Schema (for editors and CI checks);
   `kleidi config check --config FILE` validates a file and prints the resolved settings.
 
