@@ -61,7 +61,7 @@ log = logging.getLogger("kleidi.callers")
 
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _BACKLOG = 1024
-_ACCEPT_BATCH = 64  # connections accepted per wake-up, so one busy listener cannot starve the loop
+_ACCEPT_BATCH = 256  # connections accepted per wake-up, so one busy listener cannot starve the loop
 _ACCEPT_PAUSE = 0.25  # seconds without accepting once the process is out of file descriptors
 _OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _PRIVATE_PREFIX = ".kleidi-"
@@ -339,6 +339,18 @@ def _printable(raw: bytes) -> str | None:
     return "".join(c if c.isprintable() else "?" for c in raw[:128].decode("ascii", "replace")) or None
 
 
+def _h2_server() -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    conn.initiate_connection()
+    return conn
+
+
+@functools.cache
+def _server_preface() -> bytes:
+    """The server's SETTINGS frame: the same bytes for every connection."""
+    return _h2_server().data_to_send()
+
+
 class _Refusal(asyncio.Protocol):
     """Speaks just enough HTTP/2 to answer a refused caller's first call with PERMISSION_DENIED."""
 
@@ -346,7 +358,7 @@ class _Refusal(asyncio.Protocol):
         self.gate = gate
         self.peer = peer
         self.transport: asyncio.Transport | None = None
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.h2: h2.connection.H2Connection | None = None  # made at the first bytes: most floods send none
         self._method: str | None = None
         self._resolved = False
         self._timer: asyncio.TimerHandle | None = None
@@ -369,8 +381,7 @@ class _Refusal(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._timer = asyncio.get_running_loop().call_later(self.gate.limits.timeout, self._give_up)
-        self.h2.initiate_connection()
-        self.transport.write(self.h2.data_to_send())
+        self.transport.write(_server_preface())
 
     def _give_up(self) -> None:
         self._resolve()
@@ -381,6 +392,9 @@ class _Refusal(asyncio.Protocol):
         assert self.transport is not None
         if self._resolved:
             return
+        if self.h2 is None:
+            self.h2 = _h2_server()
+            self.h2.data_to_send()  # the preface, already sent
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
@@ -549,18 +563,19 @@ class SocketGate:
                 conn.close()
 
     def _pause_accepting(self, exc: OSError) -> None:
-        """Out of file descriptors (or another accept error): stop accepting for a moment. Callers wait
-        in the listen backlog meanwhile."""
+        """Out of file descriptors (or another accept error): stop accepting for a moment, logged once
+        per episode. Callers wait in the listen backlog meanwhile."""
         if not self._starved:
             self._starved = True
             if exc.errno in _OUT_OF_FDS:
-                log.error("caller gate: cannot accept connections: %s; pausing, and retrying every %.2fs; fix: raise "
-                          "kleidi's open-file limit (LimitNOFILE=) or find what holds connections open",
+                log.error("caller gate: cannot take more connections: %s; pausing, and retrying every %.2fs; fix: "
+                          "raise kleidi's open-file limit (LimitNOFILE=) or find what holds connections open",
                           exc.strerror, _ACCEPT_PAUSE)
             else:
-                log.error("caller gate: accept failed: %s; retrying in %.2fs", exc.strerror, _ACCEPT_PAUSE)
+                log.error("caller gate: accept failed: %s; retrying every %.2fs", exc.strerror, _ACCEPT_PAUSE)
+        if self._resume is not None or self._listener is None:
+            return  # paused already, or closed
         loop = asyncio.get_running_loop()
-        assert self._listener is not None
         loop.remove_reader(self._listener.fileno())
         self._resume = loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
 
@@ -594,11 +609,15 @@ class SocketGate:
     async def _refuse(self, conn: socket.socket, refusal: _Refusal) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: refusal, conn)
-        except Exception as exc:
-            _report_failure(exc, "SocketGate._refuse")
+        except BaseException as exc:  # also cancelled by close(): the socket is ours to close
+            if not isinstance(exc, asyncio.CancelledError):
+                _report_failure(exc, "SocketGate._refuse")
             self._refused.discard(refusal)
-            conn.close()
+            if refusal.transport is None:
+                conn.close()
             refusal._resolve()
+            if not isinstance(exc, Exception):
+                raise
 
     async def _relay(self, conn: socket.socket, peer: PeerCredentials) -> None:
         """Connect the caller's connection to the gRPC server, from a relay socket named for this caller."""
@@ -617,17 +636,27 @@ class SocketGate:
                     os.unlink(path)  # the gRPC server keeps the name it accepted; the directory stays clean
             pair.key = f"unix:{path}"  # what grpc's context.peer() reports for this connection
             self._callers[pair.key] = peer
-            await loop.create_unix_connection(lambda: pair.up, sock=upstream)
+            # Not create_unix_connection(sock=): uvloop ties the socket object to the transport only after
+            # connection_made, and a transport closed before that leaves the object to close the fd again.
+            await loop.connect_accepted_socket(lambda: pair.up, upstream)
         except OSError as exc:
             if upstream is not None:
                 upstream.close()
-            log.error("cannot reach the gRPC server on %s: %s", self._private_dir, exc.strerror)
+            if exc.errno in _OUT_OF_FDS:  # no fd for the upstream side: accepting more would only fail too
+                self._pause_accepting(exc)
+            else:
+                log.error("cannot reach the gRPC server on %s: %s", self._private_dir, exc.strerror)
             self._drop(pair, conn)
         except Exception as exc:  # never a foreign exception out of the gate
             if upstream is not None:
                 upstream.close()
             _report_failure(exc, "SocketGate._relay")
             self._drop(pair, conn)
+        except BaseException:  # cancelled by close(): nothing half-made may stay open
+            if upstream is not None and pair.up.transport is None:
+                upstream.close()
+            self._drop(pair, conn)
+            raise
 
     def _drop(self, pair: _Pair, conn: socket.socket) -> None:
         if pair.down.transport is None:

@@ -73,14 +73,16 @@ class Outcome:
 def interpreter(uid: int = NOBODY, gid: int = NOBODY) -> str:
     """A Python interpreter that ``uid`` can run: the test's own, unless its installation is out of
     that user's reach (e.g. under root's 0700 home), then the system's."""
+    failures = []
     for candidate in (sys.executable, sys._base_executable, "/usr/bin/python3"):
         try:
             subprocess.run([candidate, "-I", "-c", "pass"], user=uid, group=gid, extra_groups=[], cwd="/", env={},
                            capture_output=True, check=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
+        except (OSError, subprocess.SubprocessError) as exc:
+            failures.append(f"{candidate}: {exc}")
             continue
         return candidate
-    raise AssertionError(f"no Python interpreter that uid {uid} can run")
+    raise AssertionError(f"no Python interpreter that uid {uid} can run: {failures}")
 
 
 def _command(script: str, args: tuple[str, ...], timeout: float, uid: int, gid: int) -> list[str]:
