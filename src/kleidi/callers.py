@@ -482,7 +482,7 @@ class SocketGate:
             raise ConfigError(f"{self._runtime_setting}: {base} is too long for kleidi's private sockets (their paths "
                               f"would be up to {longest} bytes; unix sockets allow {endpoint._MAX_SOCKET_PATH}); "
                               "fix: set server.runtime_dir to a shorter directory, e.g. /run/kleidi")
-        # TODO(endpoint.check_ancestors): refuse a runtime directory others could replace, once it exists.
+        endpoint.check_ancestors(base, self._runtime_setting)  # else someone could swap in a directory of theirs
         try:
             base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
