@@ -300,7 +300,7 @@ class _RefusalReporter:
                     "as an allowed user, or add it to server.allowed_uids / server.allowed_gids",
                     peer.pid, peer.uid, peer.gid, self.policy.describe(),
                     extra={"fields": {**peer.audit_fields(), "method": method}})
-        audit.emit("caller_refused", method=method, outcome="PERMISSION_DENIED", **peer.audit_fields())
+        audit.note("caller_refused", method=method, outcome="PERMISSION_DENIED", **peer.audit_fields())
 
     def _end_interval(self, uid: int) -> None:
         try:
@@ -319,7 +319,7 @@ class _RefusalReporter:
         log.warning("refused a caller %d more times in the last %.0fs: uid %d (last: pid %d gid %d) is not allowed "
                     "(allowed: %s)", count, self.interval, peer.uid, peer.pid, peer.gid, self.policy.describe(),
                     extra={"fields": {**peer.audit_fields(), "method": window.method, "count": count}})
-        audit.emit("caller_refused", method=window.method, outcome="PERMISSION_DENIED", count=count,
+        audit.note("caller_refused", method=window.method, outcome="PERMISSION_DENIED", count=count,
                    **peer.audit_fields())
 
     def close(self) -> None:

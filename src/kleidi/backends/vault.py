@@ -415,12 +415,14 @@ def _version(value: Any, what: str) -> int:
 
 
 def _key_versions(value: Any) -> dict[int, str]:
-    """``data.keys`` of a Transit key: version -> creation time (a string, or a number for old keys)."""
+    """``data.keys`` of a Transit key: version -> what identifies that version's creation. Vault sends
+    the creation time (a string; a number for old keys), or for asymmetric keys an object with the
+    time and the public key; its text is what key_ids have always been derived from, so it stays."""
     if not isinstance(value, dict) or len(value) > 100_000:
         raise _malformed("data.keys")
     versions: dict[int, str] = {}
     for version, created in value.items():
-        if isinstance(created, bool) or not isinstance(created, str | int) or len(str(created)) > 64:
+        if isinstance(created, bool) or not isinstance(created, str | int | dict) or len(str(created)) > 16384:
             raise _malformed("data.keys")
         versions[_version(version, "data.keys")] = str(created)
     return versions

@@ -162,7 +162,7 @@ async def _handled(context: grpc.aio.ServicerContext[Any, Any], method: str, req
     except Exception as exc:  # a metric must never change the answer
         _foreign_failure(f"{method} metrics", exc)
     if status == grpc.StatusCode.OK:
-        if log.isEnabledFor(logging.DEBUG):
+        if audit_success and log.isEnabledFor(logging.DEBUG):  # not every Status poll and probe
             log.debug("%s ok", method, extra={"fields": {"method": method, "uid": uid, "code": "OK",
                                                          "latency_ms": round(elapsed * 1000, 3)}})
         return
