@@ -755,15 +755,10 @@ def _pid_alive(pid: int) -> bool:
 
 def _listened(path: Path) -> bool:
     """Whether a process accepts connections on ``path`` (in doubt: yes)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
     try:
-        probe.connect(str(path))
-    except OSError as exc:
-        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
-    finally:
-        probe.close()
-    return True
+        return endpoint.is_listening(path)
+    except OSError:
+        return True
 
 
 def _remove_stale(base: Path, base_fd: int) -> None:

@@ -70,7 +70,11 @@ def parse_endpoint(url: str) -> Endpoint:
     return Endpoint(url=url, path=Path(parsed.path))
 
 
-def _is_listening(path: Path) -> bool:
+def is_listening(path: Path) -> bool:
+    """Whether a process accepts connections on the unix socket ``path``.
+
+    :raises OSError: it cannot be told (e.g. no permission to connect).
+    """
     probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -78,8 +82,7 @@ def _is_listening(path: Path) -> bool:
     except OSError as exc:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
             return False
-        raise ConfigError(f"server.endpoint: cannot check whether {path} is in use: {exc.strerror}; fix: check "
-                          "the permissions of the socket and its directory") from None
+        raise
     finally:
         probe.close()
     return True
@@ -208,7 +211,12 @@ def prepare_path(endpoint: Endpoint) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"server.endpoint: {path} exists and is not a socket; kleidi will not replace it; "
                           "fix: remove it or choose another path")
-    if _is_listening(path):
+    try:
+        listening = is_listening(path)
+    except OSError as exc:
+        raise ConfigError(f"server.endpoint: cannot check whether {path} is in use: {exc.strerror}; fix: check "
+                          "the permissions of the socket and its directory") from None
+    if listening:
         raise ConfigError(f"server.endpoint: another process is already serving on {path}; "
                           "fix: stop it, or choose another path")
     path.unlink()

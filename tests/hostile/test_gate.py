@@ -455,7 +455,7 @@ INJECTIONS: dict[str, tuple[Any, str, bool]] = {  # where: (object, attribute, w
     "relay data": (callers._Relay, "_forward", False),
     "upstream connect": (callers, "_relay_socket", False),
     "refusal protocol": (callers.h2.connection.H2Connection, "receive_data", True),
-    "refusal report": (callers.audit, "emit", True),
+    "refusal report": (callers.audit, "note", True),
 }
 
 
@@ -464,7 +464,7 @@ INJECTIONS: dict[str, tuple[Any, str, bool]] = {  # where: (object, attribute, w
 def test_a_foreign_exception_closes_one_connection_and_the_gate_serves_on(where, loop, short_dir, monkeypatch,
                                                                           caplog):
     owner, attribute, refused = INJECTIONS[where]
-    monkeypatch.setattr(callers.audit, "emit", lambda event, **fields: None)  # no audit log in this process
+    monkeypatch.setattr(callers.audit, "note", lambda event, **fields: None)  # no audit log in this process
     monkeypatch.setattr(owner, attribute, _fail_once(getattr(owner, attribute)))
     short_dir.chmod(0o711)
     caplog.set_level("INFO", logger="kleidi.callers")
