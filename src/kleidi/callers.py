@@ -32,17 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import functools
 import logging
 import os
-import re
-import shutil
 import socket
-import stat
 import struct
-import tempfile
-import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +50,7 @@ import h2.exceptions
 from kleidi import audit, endpoint, telemetry
 from kleidi.endpoint import Endpoint, resolve_gid, resolve_uid
 from kleidi.errors import ConfigError
+from kleidi.runtime import GRPC_SOCKET, PrivateDirectory
 
 log = logging.getLogger("kleidi.callers")
 
@@ -64,11 +59,7 @@ _BACKLOG = 1024
 _ACCEPT_BATCH = 256  # connections accepted per wake-up, so one busy listener cannot starve the loop
 _ACCEPT_PAUSE = 0.25  # seconds without accepting once the process is out of file descriptors
 _OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_PRIVATE_PREFIX = ".kleidi-"
-_PRIVATE_NAME = re.compile(r"\.kleidi-(\d+)-[a-z0-9_]{8}")  # .kleidi-<pid>-<mkdtemp's 8 random characters>
-_GRPC_SOCKET = "grpc.sock"
 _RELAY_NAME_MAX = len("r-") + 16  # r-<hex counter>: a 64-bit counter never runs out
-_LOCK_WAIT = 5.0  # seconds to wait for another starting kleidi to finish with the runtime directory
 
 
 @dataclass(frozen=True)
@@ -441,9 +432,7 @@ class SocketGate:
         self.public = public
         self.policy = policy
         self.limits = RefusalLimits(max_refused_connections, refused_timeout, refusal_report_interval)
-        self.runtime_dir, self._runtime_setting = _runtime_base(public, runtime_dir)
-        self._private_dir: Path | None = None
-        self._lock_fd: int | None = None  # flock held on the private directory for kleidi's life
+        self._private = PrivateDirectory(public, runtime_dir, longest_entry=_RELAY_NAME_MAX)
         self._listener: socket.socket | None = None
         self._resume: asyncio.TimerHandle | None = None
         self._starved = False
@@ -458,9 +447,7 @@ class SocketGate:
     @property
     def private_path(self) -> Path:
         """The gRPC server's socket (after :meth:`prepare`)."""
-        if self._private_dir is None:
-            raise RuntimeError("SocketGate.prepare() has not run")
-        return self._private_dir / _GRPC_SOCKET
+        return self._private.path / GRPC_SOCKET
 
     @property
     def private_address(self) -> str:
@@ -472,42 +459,9 @@ class SocketGate:
         return self._callers.get(peer)
 
     def prepare(self) -> None:
-        """Check the public socket's path, remove private directories that killed kleidis left behind
-        in the runtime directory, and create this one's (0700, locked while kleidi lives)."""
+        """Check the public socket's path and create the private directory (:mod:`kleidi.runtime`)."""
         endpoint.prepare_path(self.public)
-        base = self.runtime_dir
-        name_len = len(_PRIVATE_PREFIX) + len(str(os.getpid())) + 1 + 8
-        longest = len(os.fsencode(base)) + 1 + name_len + 1 + max(_RELAY_NAME_MAX, len(_GRPC_SOCKET))
-        if longest > endpoint._MAX_SOCKET_PATH:
-            raise ConfigError(f"{self._runtime_setting}: {base} is too long for kleidi's private sockets (their paths "
-                              f"would be up to {longest} bytes; unix sockets allow {endpoint._MAX_SOCKET_PATH}); "
-                              "fix: set server.runtime_dir to a shorter directory, e.g. /run/kleidi")
-        endpoint.check_ancestors(base, self._runtime_setting)  # else someone could swap in a directory of theirs
-        try:
-            base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ConfigError(f"{self._runtime_setting}: cannot use {base}: {exc.strerror}; fix: create it, "
-                              "writable by kleidi's user, or set server.runtime_dir to such a directory") from None
-        try:
-            # Serialise with other kleidis starting in the same directory: none removes a directory that
-            # another has created but not locked yet.
-            locked = _lock(base_fd, _LOCK_WAIT)
-            if locked:
-                _remove_stale(base, base_fd)
-            else:
-                log.warning("runtime directory %s stayed locked for %.0fs; left stale private directories in it",
-                            base, _LOCK_WAIT)
-            try:
-                private = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-", dir=base))  # 0700
-            except OSError as exc:
-                raise ConfigError(f"{self._runtime_setting}: cannot create kleidi's private directory in {base}: "
-                                  f"{exc.strerror}; fix: let kleidi's user write {base}, or set server.runtime_dir "
-                                  "to a directory it can write (a tmpfs works under a read-only root)") from None
-            self._private_dir = private
-            self._lock_fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        finally:
-            os.close(base_fd)  # releases the directory's lock
+        self._private.create()
 
     async def start(self, mode: int, group: str | int | None) -> None:
         """Bind the public socket (never wider than 0600, even for a moment) and start accepting. If
@@ -645,7 +599,7 @@ class SocketGate:
             if exc.errno in _OUT_OF_FDS:  # no fd for the upstream side: accepting more would only fail too
                 self._pause_accepting(exc)
             else:
-                log.error("cannot reach the gRPC server on %s: %s", self._private_dir, exc.strerror)
+                log.error("cannot reach the gRPC server on %s: %s", self.private_path, exc.strerror)
             self._drop(pair, conn)
         except Exception as exc:  # never a foreign exception out of the gate
             if upstream is not None:
@@ -693,12 +647,7 @@ class SocketGate:
         self._refusals.close()
         if self.inode is not None:  # never a socket that another process bound
             endpoint.remove(self.public, self.inode)
-        if self._private_dir is not None:
-            shutil.rmtree(self._private_dir, ignore_errors=True)
-            self._private_dir = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._private.remove()
 
 
 def _relay_socket(path: Path) -> tuple[socket.socket, Path]:
@@ -711,84 +660,3 @@ def _relay_socket(path: Path) -> tuple[socket.socket, Path]:
         sock.close()
         raise
     return sock, path
-
-
-def _runtime_base(public: Endpoint, configured: Path | None) -> tuple[Path, str]:
-    """Where kleidi's private directory goes: server.runtime_dir, else systemd's RuntimeDirectory=,
-    else the public socket's directory, else (abstract socket) the temporary directory; and the
-    setting to name in an error about it."""
-    if configured is not None:
-        base, setting = configured, "server.runtime_dir"
-    elif os.environ.get("RUNTIME_DIRECTORY"):
-        # systemd lists several directories with ':'
-        base, setting = Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]), "server.runtime_dir ($RUNTIME_DIRECTORY)"
-    elif public.path is not None:
-        base, setting = public.path.parent, "server.runtime_dir (unset: the directory of server.endpoint)"
-    else:
-        base, setting = Path(tempfile.gettempdir()), "server.runtime_dir (unset: the temporary directory)"
-    if not base.is_absolute():
-        raise ConfigError(f"{setting}: {base} is not absolute; fix: use an absolute path")
-    return base, setting
-
-
-def _lock(fd: int, wait: float) -> bool:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _listened(path: Path) -> bool:
-    """Whether a process accepts connections on ``path`` (in doubt: yes)."""
-    try:
-        return endpoint.is_listening(path)
-    except OSError:
-        return True
-
-
-def _remove_stale(base: Path, base_fd: int) -> None:
-    """Remove private directories of kleidis that were killed: ours (same uid), named like ours, not
-    a symlink, not locked by a live kleidi, and with no live process or no listener behind them."""
-    uid = os.getuid()
-    for name in os.listdir(base_fd):
-        match = _PRIVATE_NAME.fullmatch(name)
-        if match is None:
-            continue
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base_fd)
-        except OSError:
-            continue  # a symlink, not a directory, or gone
-        try:
-            if os.fstat(fd).st_uid != uid or not stat.S_ISDIR(os.fstat(fd).st_mode):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live kleidi holds it
-            pid = int(match.group(1))
-            if pid != os.getpid() and _pid_alive(pid) and _listened(base / name / _GRPC_SOCKET):
-                continue
-            if os.stat(name, dir_fd=base_fd, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
-                continue  # replaced since we opened it
-            shutil.rmtree(name, dir_fd=base_fd)  # never follows symlinks inside
-            log.info("removed the private directory %s of a kleidi that did not shut down (pid %d)",
-                     base / name, pid)
-        except OSError as exc:
-            log.warning("could not remove the stale private directory %s: %s", base / name, exc.strerror)
-        finally:
-            os.close(fd)

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from kleidi.errors import ConfigError
 
-_MAX_SOCKET_PATH = 107
+MAX_SOCKET_PATH = 107
 """sun_path is 108 bytes including the terminating NUL (for an abstract name, the leading NUL)."""
 
 
@@ -59,9 +59,9 @@ def parse_endpoint(url: str) -> Endpoint:
         raise ValueError(f"endpoint {url!r} names no socket path")
     if not parsed.path.startswith("/"):
         raise ValueError(f"endpoint {url!r} is relative; use an absolute path: unix:///absolute/path")
-    if len(parsed.path.encode()) > _MAX_SOCKET_PATH:
+    if len(parsed.path.encode()) > MAX_SOCKET_PATH:
         raise ValueError(f"socket path {parsed.path[:40]}... is {len(parsed.path.encode())} bytes; unix sockets "
-                         f"allow at most {_MAX_SOCKET_PATH}; use a shorter path")
+                         f"allow at most {MAX_SOCKET_PATH}; use a shorter path")
     if parsed.path.startswith("/@"):
         name = parsed.path[2:]
         if not name:
