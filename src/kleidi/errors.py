@@ -23,7 +23,17 @@ from __future__ import annotations
 
 
 class KleidiError(Exception):
-    """Base of every error kleidi raises on purpose."""
+    """Base of every error kleidi raises on purpose.
+
+    ``message`` says what is wrong; ``fix``, when the user can act on it, says what to do. The two
+    travel as fields, so that every renderer (CLI, doctor, logs, Status) can show the fix as a fix;
+    ``str()`` joins them as ``"<message>; fix: <fix>"``.
+    """
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        self.message = message
+        self.fix = fix
+        super().__init__(f"{message}; fix: {fix}" if fix else message)
 
 
 class ConfigError(KleidiError):
@@ -50,8 +60,8 @@ class DecryptionFailed(KleidiError):
     """The ciphertext did not authenticate. Opaque by design: no detail helps an attacker."""
 
     def __init__(self, message: str = "ciphertext failed authentication: tampered, truncated, "
-                 "or bound to another key_id or annotations") -> None:
-        super().__init__(message)
+                 "or bound to another key_id or annotations", fix: str | None = None) -> None:
+        super().__init__(message, fix)
 
 
 class BackendUnavailable(KleidiError):
