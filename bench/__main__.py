@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     conf = QUICK if args.quick else FULL
     began = time.monotonic()
-    command = os.environ.get("KLEIDI_BENCH_COMMAND", "python -m bench") + "".join(
+    command = os.environ.get("BENCH_COMMAND", "python -m bench") + "".join(
         f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
 
     loadgen = build_loadgen()

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 LOADGEN_SRC = BENCH / "loadgen"
 RESULTS = BENCH / "results"
-CACHE = Path(os.environ.get("KLEIDI_CACHE", Path.home() / ".cache" / "kleidi"))
+CACHE = Path(os.environ.get("KUBE_APISERVER_CACHE", Path.home() / ".cache" / "kleidi"))
 BIN = CACHE / "bin"
 VENV_BIN = Path(sys.executable).parent
 
@@ -66,9 +66,9 @@ class PeerBinary:
 
 
 def find_peer(loadgen: Path) -> PeerBinary:
-    """vault-kubernetes-kms v1.4.0 if it can be had (``$KLEIDI_BENCH_VKK``, the cache, or ``go install``);
+    """vault-kubernetes-kms v1.4.0 if it can be had (``$BENCH_VKK``, the cache, or ``go install``);
     otherwise the Go reference plugin in bench/loadgen that makes the same Vault calls per request."""
-    candidates = [Path(p) for p in [os.environ.get("KLEIDI_BENCH_VKK", "")] if p]
+    candidates = [Path(p) for p in [os.environ.get("BENCH_VKK", "")] if p]
     candidates.append(BIN / "vault-kubernetes-kms")
     for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):

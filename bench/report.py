@@ -67,7 +67,7 @@ def render(results: dict[str, Any]) -> str:
           "Vault requests as vault-kubernetes-kms v1.4.0 (Encrypt: encrypt + read key; Decrypt: decrypt; Status: "
           "read key + an encrypt/decrypt round trip), through the same client library "
           "(`github.com/hashicorp/vault/api`), logging one JSON line per call as that plugin does. Put a "
-          "vault-kubernetes-kms binary at `~/.cache/kleidi/bin/vault-kubernetes-kms` (or set `KLEIDI_BENCH_VKK`) "
+          "vault-kubernetes-kms binary at `~/.cache/kleidi/bin/vault-kubernetes-kms` (or set `BENCH_VKK`) "
           "and the harness compares with it instead.\n")
     w("| target | goal | measured | result |\n|---|---|---|---|")
     for t in targets:

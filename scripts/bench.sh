@@ -9,4 +9,4 @@ cd "$root"
 scripts/setup.sh test >&2
 scripts/build-kube-apiserver.sh "${KUBE_VERSION:-v1.36.3}" >/dev/null
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-KLEIDI_BENCH_COMMAND="scripts/bench.sh" exec "$root/.venv/bin/python" -m bench "$@"
+BENCH_COMMAND="scripts/bench.sh" exec "$root/.venv/bin/python" -m bench "$@"

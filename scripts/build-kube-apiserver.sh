@@ -13,7 +13,7 @@ version=${1:-${KUBE_VERSION:-v1.36.3}}
 [[ $version =~ ^v1\.([0-9]+)\.([0-9]+)$ ]] || { echo "version must look like v1.36.3, got $version" >&2; exit 2; }
 minor=${BASH_REMATCH[1]}
 staging_version="v0.${minor}.${BASH_REMATCH[2]}"
-cache=${KLEIDI_CACHE:-$HOME/.cache/kleidi}
+cache=${KUBE_APISERVER_CACHE:-$HOME/.cache/kleidi}
 out=$cache/kube-apiserver-$version
 if [ -x "$out" ]; then echo "$out"; exit 0; fi
 command -v go >/dev/null || { echo "go is required to build kube-apiserver" >&2; exit 1; }

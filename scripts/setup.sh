@@ -5,7 +5,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 profile=${1:-runtime}
-venv=${KLEIDI_VENV:-$root/.venv}
+venv=$root/.venv
 python=${PYTHON:-python3}
 
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -20,6 +20,10 @@ extras=""
 [ "$profile" = test ] && extras="[test]"
 stamp="$venv/.kleidi-installed-$profile"
 want=$(cat "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)
+# the test profile installs everything the runtime one does
+if [ "$profile" = runtime ] && [ -f "$venv/.kleidi-installed-test" ] && [ "$(cat "$venv/.kleidi-installed-test")" = "$want" ]; then
+  exit 0
+fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root$extras"
   echo "$want" > "$stamp"
