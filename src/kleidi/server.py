@@ -243,18 +243,24 @@ class Server:
                 log.exception("audit log upkeep failed; trying again in a second")
 
     async def run(self, install_signal_handlers: bool = True) -> None:
-        # A keyring or config problem at start-up stops kleidi; a backend outage does not.
-        await self.keys.refresh(fatal=(KeyringError, ConfigError))
-        if self.keys.key_set is None:
-            log.warning("starting without keys: %s; Status reports unhealthy until the backend answers",
-                        self.keys.health.detail)
-        audit_log = self._open_audit()
-        server = await self._start_grpc()
+        audit_log = self._open_audit()  # first, so that a backend's start-up login is audited too
         try:
-            health_server = await self._start_health_server()
-        except ConfigError:
-            await server.stop(None)
-            await self._release_socket()
+            # A keyring or config problem at start-up stops kleidi; a backend outage does not.
+            await self.keys.refresh(fatal=(KeyringError, ConfigError))
+            if self.keys.key_set is None:
+                log.warning("starting without keys: %s; Status reports unhealthy until the backend answers",
+                            self.keys.health.detail)
+            server = await self._start_grpc()
+            try:
+                health_server = await self._start_health_server()
+            except ConfigError:
+                await server.stop(None)
+                await self._release_socket()
+                raise
+        except BaseException:
+            if audit_log is not None:
+                audit.activate(None)
+                audit_log.close()
             raise
         audit.note("start", version=__version__, backend=self.backend.kind, endpoint=str(self.endpoint),
                    key_id=self.keys.key_set.current.key_id if self.keys.key_set else None)

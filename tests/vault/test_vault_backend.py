@@ -523,3 +523,21 @@ def test_a_renewed_client_certificate_is_picked_up_without_a_restart(
     client_ca.combined_pem(new_cert, new_key, "kubelet-client-current.pem")  # rewritten in place, as the kubelet does
     wait_until(lambda: "TLS certificates reloaded" in proc.log(), 15, "the new certificate to be loaded")
     round_trip(proc)
+
+
+@pytest.mark.parametrize("method", ["token", "approle"])
+def test_the_start_up_login_is_audited(openbao: OpenBao, transit_key: str, kleidi_factory: Any, short_dir: Path,
+                                       method: str) -> None:
+    auth = (kleidi_vault.token_auth(openbao, transit_key, short_dir) if method == "token"
+            else kleidi_vault.approle_auth(openbao, transit_key, short_dir))
+    log_path = short_dir / f"audit-{method}.jsonl"
+    proc = start_kleidi(kleidi_factory, kleidi_vault.backend(openbao, transit_key, auth),
+                        settings={"audit": {"path": str(log_path), "fsync": "always"}})
+    round_trip(proc)
+    assert proc.stop() == 0
+    events = [json.loads(line) for line in log_path.read_text().splitlines()]
+    names = [e["event"] for e in events]
+    assert names.index("vault_login") < names.index("start")  # the login before serving is on record
+    login = events[names.index("vault_login")]
+    assert login["method"] == method and "ttl_s" in login
+    assert run_kleidi("audit", "verify", str(log_path)).returncode == 0

@@ -295,8 +295,7 @@ class _VaultHTTP:
                                          f"{exc}") from None
             self.logins += 1
             telemetry.VAULT_LOGINS.inc()
-            audit.note("vault_login", method=type(self.auth).__name__.strip("_").removesuffix("Auth").lower(),
-                       ttl_s=token.lease)
+            audit.note("vault_login", method=self.settings.auth.method, ttl_s=token.lease)
             telemetry.VAULT_TOKEN_EXPIRY.set(time.time() + token.lease if token.lease else 0)
             log.info("logged in to Vault (%s); token valid for %s", type(self.auth).__name__.strip("_"),
                      f"{token.lease:.0f}s" if token.lease else "ever")
