@@ -31,11 +31,11 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -89,6 +89,30 @@ def _command(script: str, args: tuple[str, ...], timeout: float, uid: int, gid: 
     # The script's own deadline comes first; the alarm is the backstop if it ignores it.
     preamble = _PREAMBLE.format(alarm=math.ceil(timeout) + 2, budget=timeout)
     return [interpreter(uid, gid), "-I", "-c", preamble + script, *args]
+
+
+T = TypeVar("T")
+
+
+@contextmanager
+def sampling(sample: Callable[[], T], interval: float = 0.0) -> Iterator[list[T]]:
+    """Call ``sample`` in a thread, every ``interval`` seconds, while the block runs (and at least
+    once); yields the list of what it returned, filled as it goes."""
+    samples: list[T] = []
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.is_set() or not samples:
+            samples.append(sample())
+            done.wait(interval)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join(60)
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from kleidi.callers import CallerPolicy, SocketGate
 from kleidi.endpoint import parse_endpoint
 from tests.conftest import wait_for
-from tests.hostile.support import NOBODY, audit_records, connected_as, shared_kleidi, started_as
+from tests.hostile.support import NOBODY, audit_records, connected_as, sampling, shared_kleidi, started_as
 from tests.test_telemetry import get, samples, value
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")  # CI runs as root
@@ -71,23 +71,14 @@ def fresh_call(proc: Any) -> str:
 def calling_throughout(proc: Any) -> Iterator[list[str]]:
     """Root calls kleidi on fresh connections, in a loop, while the block runs; yields the outcomes
     (``"ok"`` or the failure) and checks at the end that there were some and all were ``"ok"``."""
-    outcomes: list[str] = []
-    done = threading.Event()
+    def call() -> str:
+        try:
+            return fresh_call(proc)
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
 
-    def loop() -> None:
-        while not done.is_set() or not outcomes:
-            try:
-                outcomes.append(fresh_call(proc))
-            except grpc.RpcError as exc:
-                outcomes.append(f"{exc.code().name}: {exc.details()}")
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
+    with sampling(call) as outcomes:
         yield outcomes
-    finally:
-        done.set()
-        thread.join(60)
     errors = [line for line in proc.log().splitlines() if '"level": "error"' in line]
     assert outcomes and set(outcomes) == {"ok"}, ([o for o in outcomes if o != "ok"][:3], errors[:5])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.hostile.support import run_as, started_as
+from tests.hostile.support import run_as, sampling, started_as
 from tests.test_telemetry import get, samples, value
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")  # CI runs as root
@@ -136,21 +135,8 @@ def threads_of(pid: int) -> int:
 @contextmanager
 def thread_watch(pid: int) -> Iterator[list[int]]:
     """Samples kleidi's thread count every 20 ms while the block runs."""
-    seen: list[int] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            seen.append(threads_of(pid))
-            done.wait(0.02)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with sampling(lambda: threads_of(pid), 0.02) as seen:
         yield seen
-    finally:
-        done.set()
-        watcher.join(5)
 
 
 def telemetry_lines(log: str) -> list[dict[str, Any]]:
