@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +47,12 @@ class ConsoleFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def frames(exc: BaseException) -> str:
+    """Where ``exc`` was raised, as stack frames, without its message: the message of an exception
+    kleidi did not raise on purpose may quote the data it was handed (a seed, a backend's answer)."""
+    return "".join(traceback.format_tb(exc.__traceback__))
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from kleidi import __version__, audit, telemetry
+from kleidi import __version__, audit, logs, telemetry
 from kleidi._proto.kmsv1beta1 import api_pb2 as v1_pb
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi.callers import PeerCredentials
@@ -115,7 +114,7 @@ class Call:
 
 def _foreign_failure(method: str, exc: Exception) -> None:
     # The message of a foreign exception may quote data it was handed: log where, never what.
-    frames = "".join(traceback.format_tb(exc.__traceback__))
+    frames = logs.frames(exc)
     log.error("%s failed with an unexpected %s; this is a bug in kleidi", method, type(exc).__name__,
               extra={"fields": {"method": method, "traceback": frames}})
 

@@ -8,12 +8,11 @@ import hmac
 import logging
 import os
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kleidi import audit, telemetry
+from kleidi import audit, logs, telemetry
 from kleidi.backends.base import Backend, KeySet, KeyVersion
 from kleidi.errors import BackendUnavailable, KleidiError
 
@@ -105,7 +104,7 @@ class KeyManager:
         except Exception as exc:
             # The message of a foreign exception may quote what the backend sent: log where, not what.
             log.error("the %s backend failed with an unexpected %s during %s", backend.kind, type(exc).__name__,
-                      operation, extra={"fields": {"traceback": "".join(traceback.format_tb(exc.__traceback__))}})
+                      operation, extra={"fields": {"traceback": logs.frames(exc)}})
             raise BackendUnavailable(f"the {backend.kind} backend failed unexpectedly during {operation} "
                                      f"({type(exc).__name__}); see the kleidi log") from None
 
@@ -189,5 +188,5 @@ class KeyManager:
                 reason = f"key refresh failed unexpectedly ({type(exc).__name__}); see the kleidi log"
                 if reason != self._refresh_error:
                     log.error("%s", reason, extra={"fields": {
-                        "traceback": "".join(traceback.format_tb(exc.__traceback__))}})
+                        "traceback": logs.frames(exc)}})
                 self._refresh_error = reason
