@@ -28,7 +28,7 @@ SEED = bytes(range(32))
 
 
 def _keys(keyring: Path) -> dict[str, Any]:
-    result = run_kleidi("keys", "--json", "--keyring", str(keyring))
+    result = run_kleidi("keys", "--output", "json", "--keyring", str(keyring))
     assert result.returncode == 0, result.stderr
     listed: dict[str, Any] = json.loads(result.stdout)
     return listed
@@ -192,7 +192,7 @@ def test_keys_never_shows_key_material(tmp_path):
         raw = base64.b64decode(encoded)
         forms += [encoded, encoded.rstrip("="), raw.hex(), base64.urlsafe_b64encode(raw).decode().rstrip("=")]
 
-    as_json = run_kleidi("keys", "--json", "--keyring", str(keyring))
+    as_json = run_kleidi("keys", "--output", "json", "--keyring", str(keyring))
     as_table = run_kleidi("keys", "--keyring", str(keyring), env={"COLUMNS": "250"})
     for result in (as_json, as_table):
         assert result.returncode == 0, result.stderr
@@ -270,7 +270,7 @@ def test_status_of_a_healthy_server(kleidi_factory):
     assert f"key_id: {key_id}" in result.stdout
     assert "healthz: ok" in result.stdout
 
-    as_json = run_kleidi("status", "--endpoint", k.endpoint, "--json")
+    as_json = run_kleidi("status", "--endpoint", k.endpoint, "--output", "json")
     assert as_json.returncode == 0
     doc = json.loads(as_json.stdout)
     assert doc["healthy"] is True
@@ -278,10 +278,25 @@ def test_status_of_a_healthy_server(kleidi_factory):
     assert doc["version"] == "v2"
 
 
-def test_status_of_a_missing_socket(short_dir):
-    result = run_kleidi("status", "--endpoint", f"unix://{short_dir}/nobody.sock", "--timeout", "2s")
-    assert result.returncode == 2
+def test_status_of_a_missing_socket_says_that_nothing_listens(short_dir):
+    path = short_dir / "nobody.sock"
+    result = run_kleidi("status", "--endpoint", f"unix://{path}", "--timeout", "2s")
+    assert result.returncode == 1  # a failed check, not bad usage
     assert "Traceback" not in result.stderr
+    assert f"nothing listens at {path}: the socket does not exist" in result.stdout
+    assert "fix: start kleidi" in result.stdout
+    for python in ("None", "True", "False", "[]"):
+        assert python not in result.stdout
+    as_json = json.loads(run_kleidi("status", "--endpoint", str(path), "--output", "json").stdout)
+    assert as_json["healthy"] is False and as_json["version"] is None and "nothing listens" in as_json["error"]
+
+
+def test_status_of_a_file_that_is_not_a_socket(short_dir):
+    path = short_dir / "plain"
+    path.write_text("")
+    result = run_kleidi("status", "--endpoint", str(path))
+    assert result.returncode == 1
+    assert f"nothing listens at {path}: it is not a socket" in result.stdout
 
 
 def test_status_of_an_unhealthy_server_and_recovery(kleidi_factory):

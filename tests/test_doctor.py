@@ -17,7 +17,7 @@ from tests.vault.openbao import OpenBao, unique
 
 
 def doctor(config: Path, *extra: str) -> tuple[int, dict[str, dict[str, str]]]:
-    result = run_kleidi("doctor", "--config", str(config), "--json", *extra)
+    result = run_kleidi("doctor", "--config", str(config), "--output", "json", *extra)
     assert "Traceback" not in result.stderr, result.stderr
     return result.returncode, {c["name"]: c for c in json.loads(result.stdout)}
 
@@ -47,7 +47,8 @@ def test_invalid_config(short_dir: Path) -> None:
     bad.write_text("server:\n  endpont: unix:///tmp/x.sock\n")
     code, checks = doctor(bad)
     assert code == 1 and checks["config"]["result"] == "FAIL"
-    assert "server.endpont" in checks["config"]["fix"]
+    assert "server.endpont: unknown field" in checks["config"]["detail"]
+    assert checks["config"]["fix"] == "remove it (did you mean 'server.endpoint'?)"
 
 
 def test_loose_keyring_permissions(kleidi_factory: Any) -> None:

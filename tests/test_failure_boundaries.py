@@ -94,7 +94,18 @@ class InProcessKleidi:
             self.server = Server(self.settings, backend=self.backend)
             await self.server.run(install_signal_handlers=False)
 
-        self.loop.run_until_complete(main())
+        try:
+            self.loop.run_until_complete(main())
+        finally:
+            # As asyncio.run would: else the loop and its transports are left for the garbage collector,
+            # whose ResourceWarning then fails whichever later test it happens to run in.
+            leftover = asyncio.all_tasks(self.loop)
+            for task in leftover:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            self.loop.close()
 
     def _status_ok(self) -> bool:
         try:

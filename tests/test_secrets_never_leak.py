@@ -99,9 +99,9 @@ def every_output(proc: KleidiProcess, env: dict[str, str] | None = None) -> dict
         outputs[path] = _http(proc.metrics_port, path)
     outputs |= {
         "kleidi status": _cli("status", "--endpoint", proc.endpoint),
-        "kleidi status --json": _cli("status", "--endpoint", proc.endpoint, "--json"),
+        "kleidi status --output json": _cli("status", "--endpoint", proc.endpoint, "--output", "json"),
         "kleidi doctor": _cli("doctor", "--config", config, env=env),
-        "kleidi doctor --json": _cli("doctor", "--config", config, "--json", env=env),
+        "kleidi doctor --output json": _cli("doctor", "--config", config, "--output", "json", env=env),
         "kleidi config check": _cli("config", "check", "--config", config, env=env),
         "kleidi config schema": _cli("config", "schema"),
     }
@@ -116,7 +116,7 @@ def every_output(proc: KleidiProcess, env: dict[str, str] | None = None) -> dict
     outputs["serve log"] = proc.log_path.read_bytes()
     # The scan is only as good as what it scans: these outputs said something real.
     assert "healthz" in str(outputs["Status"]) and "kleidi_" in str(outputs["/metrics"])
-    assert '"name": "config"' in str(outputs["kleidi doctor --json"])
+    assert '"name": "config"' in str(outputs["kleidi doctor --output json"])
     assert "backend:" in str(outputs["kleidi config check"])
     for path in proc.workdir.glob("*.jsonl*"):
         outputs[f"audit log {path.name}"] = path.read_bytes()
@@ -150,7 +150,7 @@ def test_local_keyring_and_audit_hmac_key(kleidi_factory: Any, short_dir: Path) 
         found.add(f"keyring key version {version['version']}", base64.b64decode(version["key"]))
     outputs = every_output(proc)
     outputs["kleidi rotate"] = rotated.stdout + rotated.stderr
-    outputs["kleidi keys --json"] = _cli("keys", "--keyring", str(proc.keyring), "--json")
+    outputs["kleidi keys --output json"] = _cli("keys", "--keyring", str(proc.keyring), "--output", "json")
     outputs["kleidi keys"] = _cli("keys", "--keyring", str(proc.keyring))
     found.assert_absent(outputs)
 
@@ -243,7 +243,7 @@ def test_refused_configurations_do_not_echo_secrets(short_dir: Path) -> None:
         assert "fix" in serve.stderr and "Traceback" not in serve.stderr, f"{name}:\n{serve.stderr}"
         outputs[f"{name}: serve"] = serve.stdout + serve.stderr
         outputs[f"{name}: config check"] = _cli("config", "check", "--config", str(config), env=env)
-        outputs[f"{name}: doctor --json"] = _cli("doctor", "--config", str(config), "--json", env=env)
+        outputs[f"{name}: doctor --output json"] = _cli("doctor", "--config", str(config), "--output", "json", env=env)
         outputs[f"{name}: doctor"] = _cli("doctor", "--config", str(config), env=env)
     found.assert_absent(outputs)
 

@@ -87,13 +87,14 @@ def read_hmac_key(path: Path | None) -> bytes | None:
     try:
         st = os.stat(path)
         if st.st_mode & 0o077:
-            raise ConfigError(f"audit.hmac_key_file {path} is readable by others; fix: chmod 600 {path}")
+            raise ConfigError(f"audit.hmac_key_file {path} is readable by others", fix=f"chmod 600 {path}")
         key = path.read_bytes().strip()
     except OSError as exc:
-        raise ConfigError(f"audit.hmac_key_file: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"audit.hmac_key_file: cannot read {path}: {exc.strerror}",
+                          fix="check the path, and that kleidi's user may read the file") from None
     if len(key) < 16:
-        raise ConfigError(f"audit.hmac_key_file {path} holds {len(key)} bytes; fix: use at least 32 random bytes "
-                          "(e.g. head -c 32 /dev/urandom | base64 > FILE)")
+        raise ConfigError(f"audit.hmac_key_file {path} holds {len(key)} bytes",
+                          fix="use at least 32 random bytes (e.g. head -c 32 /dev/urandom | base64 > FILE)")
     return key
 
 
@@ -781,7 +782,7 @@ def verify(files: list[Path], key: bytes | None = None, allow_open: bool = False
     (notes if allow_gaps else problems).extend(gaps)
     if last_event != "stop":
         open_message = (f"the last record (seq {seq}) is not a clean stop: the end was cut off, kleidi crashed, or "
-                        "it is still running (then pass --allow-open)")
+                        "it is still running" + ("" if allow_open else " (then pass --allow-open)"))
         (notes if allow_open else problems).append(open_message)
     if unclean_starts:
         notes.append(f"kleidi started {len(unclean_starts)} time(s) after no clean stop (a crash, or a cut): at seq "

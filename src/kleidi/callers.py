@@ -473,8 +473,8 @@ class SocketGate:
                           else str(self.public.path))
         except OSError as exc:
             sock.close()
-            raise ConfigError(f"server.endpoint: cannot bind {self.public}: {exc.strerror}; fix: check that the "
-                              "directory exists and is writable") from None
+            raise ConfigError(f"server.endpoint: cannot bind {self.public}: {exc.strerror}",
+                              fix="check that the directory exists and that kleidi's user may write it") from None
         self.inode = endpoint.inode_of(self.public)  # from here on, close() removes the socket file
         try:
             endpoint.restrict(self.public, mode, group)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,22 +30,62 @@ class StatusCheck:
     healthz: str | None = None
     key_id: str | None = None
     error: str | None = None
+    """Why no answer came (nothing listens, timeout, ...); None when the plugin answered."""
+    fix: str | None = None
     problems: list[str] = field(default_factory=list)
+    """What the apiserver would object to in the answer."""
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and not self.problems
 
     def as_dict(self) -> dict[str, Any]:
-        healthy = self.error is None and not self.problems
         return {"endpoint": self.endpoint, "version": self.version, "healthz": self.healthz,
-                "key_id": self.key_id, "healthy": healthy, "error": self.error, "problems": self.problems}
+                "key_id": self.key_id, "healthy": self.healthy, "error": self.error, "fix": self.fix,
+                "problems": self.problems}
+
+
+_START_FIX = "start kleidi (kleidi serve --config ...), or check the endpoint (server.endpoint in its config)"
+
+
+def _unreachable(endpoint: str) -> tuple[str, str] | None:
+    """Why nothing can answer at a socket path, told before gRPC's generic UNAVAILABLE hides it."""
+    path = parse_endpoint(endpoint).path
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"nothing listens at {path}: the socket does not exist", _START_FIX
+    except OSError as exc:
+        return f"cannot reach {path}: {exc.strerror}", "run as a user that may open the socket's directory"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"nothing listens at {path}: it is not a socket", "point the endpoint at kleidi's socket"
+    return None
 
 
 def check_status(endpoint: str, timeout: float) -> StatusCheck:
     """Call Status and apply the apiserver's checks (kms-protocol.md §2.1)."""
     result = StatusCheck(endpoint=endpoint)
+    unreachable = _unreachable(endpoint)
+    if unreachable is not None:
+        result.error, result.fix = unreachable
+        return result
     with channel(endpoint) as chan:
         try:
             response = v2_grpc.KeyManagementServiceStub(chan).Status(v2_pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as exc:
-            result.error = f"{exc.code().name}: {exc.details()}"
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                result.error = f"no answer within {timeout:g}s (DEADLINE_EXCEEDED)"
+                result.fix = "see kleidi's log; a busy or stuck plugin also fails the apiserver's calls"
+            elif code == grpc.StatusCode.UNAVAILABLE and "refused" in (exc.details() or "").lower():
+                result.error = ("nothing listens at the socket (connection refused): a socket file left by a "
+                                "stopped kleidi?")
+                result.fix = _START_FIX
+            else:
+                result.error = f"{code.name}: {exc.details()}"
+                result.fix = _START_FIX if code == grpc.StatusCode.UNAVAILABLE else None
             return result
     result.version, result.healthz, result.key_id = response.version, response.healthz, response.key_id
     if response.healthz != "ok":

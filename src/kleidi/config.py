@@ -17,9 +17,9 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -34,10 +34,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from kleidi.endpoint import parse_endpoint, resolve_gid, resolve_uid
-from kleidi.errors import ConfigError
+from kleidi.errors import ConfigError, InvalidValue
 
 ENV_PREFIX = "KLEIDI_"
 ENV_CONFIG_FILE = "KLEIDI_CONFIG"
@@ -52,24 +53,14 @@ MAX_DURATION = 30 * 24 * 3600.0
 
 
 def _parse_duration(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 500ms, 5s, 1m or a number of seconds")
-    seconds: float
-    if isinstance(value, int | float):
-        seconds = float(value) if abs(value) <= MAX_DURATION else float("inf")
-    elif isinstance(value, str):
-        match = _DURATION_RE.match(value)
-        if not match:
-            raise ValueError(f"expected a duration such as 500ms, 5s, 1m or a number of seconds, got {value!r}")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        return value
-    if not seconds <= MAX_DURATION:  # also false for nan
-        raise ValueError("expected a duration of at most 30 days (720h)")
-    return seconds
+    # The one parser of Go durations, shared with every CLI flag; a bare number is refused with its fix.
+    from kleidi.durations import parse_duration
+
+    return parse_duration(value, MAX_DURATION)
 
 
 _MODE_RE = re.compile(r"(?:0o)?([0-7]{3,4})")
+MODE_FIX = 'write it as a quoted octal string such as "0600"'
 
 
 def _parse_mode(value: Any) -> Any:
@@ -78,23 +69,23 @@ def _parse_mode(value: Any) -> Any:
     if isinstance(value, bool | int | float):
         raise PydanticCustomError(
             "mode_not_a_string", "a file mode must be an octal string: an unquoted number is ambiguous in YAML "
-            "(0600 is read as 384, 600 as decimal 600); fix: quote it: \"0600\"")
+            "(0600 is read as 384, 600 as decimal 600)", {"fix": 'quote it: "0600"'})
     if isinstance(value, str):
         match = _MODE_RE.fullmatch(value.strip())
         if not match:
-            raise ValueError(f"expected an octal file mode such as \"0600\", got {value!r}")
+            raise InvalidValue(f"expected an octal file mode such as \"0600\", got {value!r}", fix=MODE_FIX)
         mode = int(match.group(1), 8)
         if mode > 0o777:
-            raise ValueError("the mode sets setuid, setgid or sticky bits, which kleidi never needs; "
-                             "fix: use three octal digits such as \"0600\"")
+            raise InvalidValue("the mode sets setuid, setgid or sticky bits, which kleidi never needs",
+                               fix='use three octal digits such as "0600"')
         return mode
     return value
 
 
 def _safe_socket_mode(mode: int) -> int:
     if mode & 0o111:
-        raise ValueError(f"mode {mode:04o} has execute bits, which mean nothing on a socket; fix: use "
-                         "\"0600\", or \"0660\" with socket_group")
+        raise InvalidValue(f"mode {mode:04o} has execute bits, which mean nothing on a socket",
+                           fix='use "0600", or "0660" with socket_group')
     return mode
 
 
@@ -125,12 +116,12 @@ def _check_url(value: Any) -> Any:
         shown = f"{scheme}://***@{authority.rpartition('@')[2]}" if sep else f"***@{authority.rpartition('@')[2]}"
         raise PydanticCustomError(
             "url_credentials", "the URL holds a user name or password ({shown}), which would be shown in logs, "
-            "Status and errors; fix: remove it from the URL and give the credential in the auth settings "
-            "(backend.auth: a token_file, or an AppRole secret_id_file)", {"shown": shown})
+            "Status and errors", {"shown": shown, "fix": "remove it from the URL and give the credential in the "
+                                  "auth settings (backend.auth: a token_file, or an AppRole secret_id_file)"})
     if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", value.strip()):
         raise PydanticCustomError(
-            "url_invalid", "expected an http:// or https:// URL without ?query or #fragment, such as "
-            "https://vault.example.com:8200; fix: correct the URL")
+            "url_invalid", "expected an http:// or https:// URL without ?query or #fragment",
+            {"fix": "write the server's URL such as https://vault.example.com:8200"})
     return value.strip().rstrip("/")
 
 
@@ -142,8 +133,9 @@ def _check_env_name(value: Any) -> Any:
     # A secret pasted here by mistake would otherwise be echoed in "environment variable <it> is not set".
     if isinstance(value, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
         raise PydanticCustomError("env_name_invalid", "expected the name of an environment variable (letters, "
-                                  "digits, _), not its value; fix: put the credential in that variable or in a file "
-                                  "and give its name here (or use the *_file setting)")
+                                  "digits, _), not its value",
+                                  {"fix": "put the credential in that variable or in a file and give its name here "
+                                   "(or use the *_file setting)"})
     return value
 
 
@@ -239,9 +231,9 @@ class ServerSettings(_Settings):
     @model_validator(mode="after")
     def _socket_mode_is_safe(self) -> ServerSettings:
         if self.socket_mode & 0o007 and not self.authenticate_callers:
-            raise ValueError(f"socket_mode {self.socket_mode:04o} lets every user on the node connect, and with "
-                             "authenticate_callers: false nothing else checks who calls Decrypt; fix: use \"0600\", "
-                             "or \"0660\" with socket_group, or set authenticate_callers: true")
+            raise InvalidValue(f"socket_mode {self.socket_mode:04o} lets every user on the node connect, and with "
+                               "authenticate_callers: false nothing else checks who calls Decrypt",
+                               fix='use "0600", or "0660" with socket_group, or set authenticate_callers: true')
         return self
 
     @field_validator("allowed_uids")
@@ -328,10 +320,12 @@ class TelemetrySettings(_Settings):
         if "@" in value:
             # Not echoed: whatever is before the @ may be a credential.
             raise PydanticCustomError("url_credentials", "expected host:port such as 127.0.0.1:9464, not a value "
-                                      "with a user name or password (@); fix: give only host:port")
+                                      "with a user name or password (@)", {"fix": "give only host:port"})
         host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-            raise ValueError(f"expected host:port such as 127.0.0.1:9464, got {value!r}")
+            raise InvalidValue(f"expected host:port such as 127.0.0.1:9464, got {value!r}",
+                               fix="write host:port with a port from 1 to 65535, e.g. 127.0.0.1:9464, or null to "
+                               "turn the listener off")
         return value
 
     @model_validator(mode="after")
@@ -339,8 +333,9 @@ class TelemetrySettings(_Settings):
         if self.address is not None and not self.allow_non_loopback:
             host = self.address.rpartition(":")[0].strip("[]")
             if host != "localhost" and not _is_loopback(host):
-                raise ValueError(f"{host} is not a loopback address; fix: use 127.0.0.1, or set "
-                                 "telemetry.allow_non_loopback: true to expose metrics and health beyond the node")
+                raise InvalidValue(f"{host} is not a loopback address",
+                                   fix="use 127.0.0.1, or set telemetry.allow_non_loopback: true to expose metrics "
+                                   "and health beyond the node")
         return self
 
 
@@ -415,7 +410,12 @@ class VaultTokenAuth(_Settings):
     @model_validator(mode="after")
     def _one_source(self) -> VaultTokenAuth:
         if (self.token_file is None) == (self.token_env is None):
-            raise ValueError("set exactly one of token_file or token_env")
+            if self.token_file is not None:
+                raise InvalidValue("both token_file and token_env are set: kleidi reads the token from one place",
+                                   fix="keep one of token_file and token_env, and remove the other")
+            raise InvalidValue("neither token_file nor token_env is set: kleidi has no token to log in with",
+                               fix="set token_file to the file that holds the token (or token_env to the name of "
+                               "the environment variable)")
         return self
 
 
@@ -439,7 +439,12 @@ class VaultAppRoleAuth(_Settings):
     def _sources(self) -> VaultAppRoleAuth:
         for name in ("role_id", "secret_id"):
             if (getattr(self, f"{name}_file") is None) == (getattr(self, f"{name}_env") is None):
-                raise ValueError(f"set exactly one of {name}_file or {name}_env")
+                if getattr(self, f"{name}_file") is not None:
+                    raise InvalidValue(f"both {name}_file and {name}_env are set: kleidi reads the {name} from "
+                                       "one place", fix=f"keep one of {name}_file and {name}_env, and remove the other")
+                raise InvalidValue(f"neither {name}_file nor {name}_env is set: kleidi has no {name} to log in with",
+                                   fix=f"set {name}_file to the file that holds the {name} (or {name}_env to the name "
+                                   "of the environment variable)")
         return self
 
 
@@ -450,7 +455,7 @@ class VaultJWTAuth(_Settings):
     """Auth method."""
     mount: str = "jwt"
     """Path the JWT auth method is mounted at."""
-    role: str
+    role: str = Field(examples=["kleidi"])
     """Vault role to log in as."""
     token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     """File holding the JWT; re-read at every login, so a rotated projected token is picked up."""
@@ -463,7 +468,7 @@ class VaultKubernetesAuth(_Settings):
     """Auth method."""
     mount: str = "kubernetes"
     """Path the Kubernetes auth method is mounted at."""
-    role: str
+    role: str = Field(examples=["kleidi"])
     """Vault role to log in as."""
     token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     """File holding the service-account JWT; re-read at every login."""
@@ -490,7 +495,8 @@ class VaultBackendSettings(_BackendSettings):
     kind: Literal["vault"] = "vault"
     """Backend type."""
 
-    address: Url
+    # examples: what the fix of a missing required setting shows (validation_problems).
+    address: Url = Field(examples=["https://vault.example.com:8200"])
     """Server URL, e.g. https://vault.example.com:8200. Never with credentials in it
     (https://user:password@...): it is shown in logs and Status, so kleidi refuses it; credentials
     go in `auth`, read from files."""
@@ -501,11 +507,11 @@ class VaultBackendSettings(_BackendSettings):
     transit_mount: str = "transit"
     """Path the Transit secrets engine is mounted at."""
 
-    key: str
+    key: str = Field(examples=["kubernetes"])
     """Name of the Transit key. Use an AEAD type (aes256-gcm96, the default, or chacha20-poly1305)
     so that each ciphertext is bound to its key_id and annotations."""
 
-    auth: VaultAuthSettings
+    auth: VaultAuthSettings = Field(examples=[{"method": "token", "token_file": "/etc/kleidi/vault-token"}])
     """How kleidi logs in. Secrets come from files or environment variables, never from this file."""
 
     tls: VaultTLSSettings = VaultTLSSettings()
@@ -529,7 +535,8 @@ class VaultBackendSettings(_BackendSettings):
     def _mount_path(cls, value: str) -> str:
         value = value.strip("/")
         if not value:
-            raise ValueError("transit_mount must not be empty")
+            raise InvalidValue("transit_mount is empty",
+                               fix="give the path the Transit engine is mounted at, e.g. transit")
         return value
 
 
@@ -608,7 +615,7 @@ def _env_value(name: str, raw: str, nullable: bool) -> Any:
             return raw
         except (ValueError, RecursionError):  # a number past int's 4300 digits, or nesting past the stack
             raise ConfigError(f"environment variable {name} holds JSON with a number too long or nesting too "
-                              f"deep; fix: set {name} to a short list such as [0, 1000]") from None
+                              "deep", fix=f"set {name} to a short list such as [0, 1000]") from None
     return raw
 
 
@@ -673,38 +680,39 @@ def load_yaml_file(path: Path, what: str) -> Any:
         with open(path, "rb") as stream:
             raw = stream.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}; fix: check its permissions") from None
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}",
+                          fix="check the path, and that kleidi's user may read the file") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{what} {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; fix: point at the right "
-                          "file (a config file is a few kilobytes)")
+        raise ConfigError(f"{what} {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB",
+                          fix="point at the right file (a config file is a few kilobytes)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                          "fix: save it as UTF-8, or point at the right file") from None
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+                          fix="save it as UTF-8, or point at the right file") from None
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         if isinstance(exc, _Refused):
-            raise ConfigError(f"{what} {path} is refused{at}: {exc.problem}; fix: {exc.fix}") from None
-        raise ConfigError(f"{what} {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}; "
-                          "fix: correct the YAML syntax there (indentation, quoting, brackets)") from None
+            raise ConfigError(f"{what} {path} is refused{at}: {exc.problem}", fix=exc.fix) from None
+        raise ConfigError(f"{what} {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}",
+                          fix="correct the YAML syntax there (indentation, quoting, brackets)") from None
     except RecursionError:  # a backstop: _MAX_DEPTH should stop any nesting first
-        raise ConfigError(f"{what} {path} is nested too deeply; fix: remove the extra nesting") from None
+        raise ConfigError(f"{what} {path} is nested too deeply", fix="remove the extra nesting") from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist; fix: create it (see docs/configuration.md) "
-                          f"or point --config / {ENV_CONFIG_FILE} at the right file")
+        raise ConfigError(f"config file {path} does not exist", fix="create it (see docs/configuration.md) or "
+                          f"point --config / {ENV_CONFIG_FILE} at the right file")
     loaded = load_yaml_file(path, "config file")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, not a {type(loaded).__name__}; "
-                          "fix: write sections at the top level, e.g. `server:` then `  endpoint: ...` "
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not a {type(loaded).__name__}",
+                          fix="write sections at the top level, e.g. `server:` then `  endpoint: ...` "
                           "(see docs/configuration.md)")
     return loaded
 
@@ -715,7 +723,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None,
     """Build the settings: defaults < YAML file < ``KLEIDI_*`` environment < ``overrides`` (CLI flags).
 
     ``overrides`` maps dotted paths (``server.endpoint``) to values; ``None`` values are ignored.
-    Raises :class:`ConfigError` with one line per problem, each naming the field and the fix.
+    Raises :class:`ConfigError` for a file or variable that cannot be used, and
+    :class:`InvalidSettings` (a ConfigError) with one line per problem, each naming the field and its fix.
     """
     environ = os.environ if environ is None else environ
     origins: dict[tuple[str, ...], str] = {}
@@ -732,8 +741,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None,
             continue
         parts = tuple(p.lower() for p in name[len(ENV_PREFIX):].split(ENV_SEPARATOR))
         if not all(parts):
-            raise ConfigError(f"environment variable {name} is not a setting path; fix: use "
-                              f"{ENV_PREFIX}SECTION{ENV_SEPARATOR}FIELD, e.g. KLEIDI_SERVER__ENDPOINT")
+            raise ConfigError(f"environment variable {name} is not a setting path",
+                              fix=f"use {ENV_PREFIX}SECTION{ENV_SEPARATOR}FIELD, e.g. KLEIDI_SERVER__ENDPOINT")
         _set_path(data, parts, _env_value(name, raw, _accepts_null(parts)))
         origins[parts] = f"environment variable {name}"
     for dotted, value in (overrides or {}).items():
@@ -745,7 +754,7 @@ def load_settings(config_file: str | os.PathLike[str] | None = None,
     try:
         return KleidiSettings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, file_label, origins)) from None
+        raise InvalidSettings(file_label, validation_problems(exc, origins)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -761,19 +770,65 @@ def _models(annotation: Any) -> list[type[BaseModel]]:
     return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
 
 
-def _field_info(path: tuple[str, ...]) -> tuple[str | None, list[str]]:
-    """(description of the field at ``path``, names of its siblings) by walking the models."""
+def _tag(model: type[BaseModel]) -> str | None:
+    """The discriminator value of a backend or auth-method model (``local``, ``approle``), if it is one."""
+    for name in ("kind", "method"):
+        info = model.model_fields.get(name)
+        if info is not None and typing.get_origin(info.annotation) is Literal:
+            return str(typing.get_args(info.annotation)[0])
+    return None
+
+
+class _Located(NamedTuple):
+    """Where a pydantic error location points, in the settings as the user writes them."""
+
+    path: tuple[str, ...]
+    """The setting's path, without the union tags pydantic inserts ("local", "approle") or list indexes."""
+    shown: str
+    """The dotted path shown in the message, list items as ``[0]``."""
+    info: FieldInfo | None
+    """The field there; None for an unknown field."""
+    siblings: list[str]
+    """The fields valid next to it: of the chosen backend or auth method only, not of the others."""
+    chosen: type[BaseModel] | None
+    """The backend or auth method chosen where the path ends in one's fields, else None."""
+    others: list[type[BaseModel]]
+    """The other members of that union (the backends or methods not chosen)."""
+    in_union: bool
+    """The location goes past the field into the members of a union of plain types (``int | str``)."""
+    item: bool
+    """The location is an item of the list the field holds."""
+
+
+def _locate(loc: tuple[int | str, ...]) -> _Located:
     candidates: list[type[BaseModel]] = [KleidiSettings]
-    description = None
-    siblings: list[str] = []
-    for part in path:
+    path: list[str] = []
+    shown = ""
+    info: FieldInfo | None = None
+    siblings = sorted(KleidiSettings.model_fields)
+    chosen: type[BaseModel] | None = None
+    others: list[type[BaseModel]] = []
+    for part in loc:
+        if isinstance(part, int):  # an item of a list setting: the error is the list's
+            shown += f"[{part}]"
+            continue
+        tagged = [m for m in candidates if _tag(m) == part]
+        if tagged and len(candidates) > 1:  # the tag of the discriminated union member pydantic chose
+            chosen, others = tagged[0], [m for m in candidates if m is not tagged[0]]
+            candidates = tagged
+            continue
+        if info is not None and not candidates:  # past a plain field: the members of a union such as int | str
+            return _Located(tuple(path), shown, info, siblings, chosen, others, True, shown.endswith("]"))
         siblings = sorted({name for model in candidates for name in model.model_fields})
         found = [model.model_fields[part] for model in candidates if part in model.model_fields]
+        path.append(part)
+        shown = f"{shown}.{part}" if shown else part
         if not found:
-            return None, siblings
-        description = found[0].description
-        candidates = [m for info in found for m in _models(info.annotation)]
-    return description, siblings
+            return _Located(tuple(path), shown, None, siblings, chosen, others, False, False)
+        info = found[0]
+        candidates = [m for f in found for m in _models(f.annotation)]
+        chosen, others = None, []  # inside the field now, no longer among the chosen member's fields
+    return _Located(tuple(path), shown, info, siblings, chosen, others, False, shown.endswith("]"))
 
 
 def _accepts_null(path: tuple[str, ...]) -> bool:
@@ -796,6 +851,97 @@ def _allows_none(annotation: Any) -> bool:
     return annotation is None or annotation is type(None)
 
 
+def _members(annotation: Any) -> list[Any]:
+    """The types a union stands for (the annotation itself if it is none), without None."""
+    if typing.get_origin(annotation) is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _members(arg)]
+    return [] if annotation is None or annotation is type(None) else [annotation]
+
+
+def _inline(value: Any) -> str:
+    """A value as it is written in the YAML file, on one line."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_inline(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _example(info: FieldInfo) -> Any:
+    """A valid value for the field: its first example, else its default when that is a plain value."""
+    if info.examples:
+        return info.examples[0]
+    default = info.get_default(call_default_factory=True)
+    return default if isinstance(default, str | Path | int) and not isinstance(default, bool) else None
+
+
+def _bounds(metadata: list[Any]) -> tuple[Any, Any]:
+    low = next((m.ge for m in metadata if hasattr(m, "ge")), None)
+    if low is None:
+        low = next((m.gt + 1 for m in metadata if hasattr(m, "gt")), None)
+    high = next((m.le for m in metadata if hasattr(m, "le")), None)
+    return low, high
+
+
+def _type_fix(info: FieldInfo, item: bool = False) -> str:
+    """What to write instead, derived from the field's type and constraints (never from its description);
+    ``item``: for one item of the list the field holds."""
+    validators = {getattr(m, "func", None) for m in info.metadata}
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    or_null = ", or null" if _allows_none(info.annotation) else ""
+    if extra.get("x-kleidi-type") == "duration":
+        return "write a duration greater than 0, such as 500ms, 5s or 1m"
+    if _parse_mode in validators:
+        return MODE_FIX
+    if _check_url in validators:
+        return "write the server's URL such as https://vault.example.com:8200"
+    if _check_env_name in validators:
+        return f"give the name of an environment variable, such as VAULT_TOKEN{or_null}"
+    members = _members(info.annotation)
+    models = _models(info.annotation)
+    if len(models) > 1:
+        tags = [t for t in map(_tag, models) if t]
+        tag = "kind" if "local" in tags else "method"
+        return f"write it as a mapping that starts with `{tag}:` ({', '.join(tags)}) and that {tag}'s settings"
+    if models:
+        first, field = next(iter(models[0].model_fields.items()))
+        value = _example(field)
+        shown = f"`{first}: {_inline(value)}`" if value is not None else f"`{first}: ...`"
+        return f"write it as a mapping, with its settings indented below it (e.g. {shown})"
+    example = _example(info)
+    such_as = f", such as {_inline(example)}" if example is not None else ""
+    if len(members) == 1:
+        member = members[0]
+        if typing.get_origin(member) is Literal:
+            return f"use one of: {', '.join(map(str, typing.get_args(member)))}{or_null}"
+        if member is bool:
+            return "use true or false"
+        if member is int:
+            low, high = _bounds(info.metadata)
+            if low is not None and high is not None:
+                return f"use a whole number from {low} to {high}"
+            if low is not None:
+                return f"use a whole number of at least {low}{such_as}"
+            return f"use a whole number{such_as}"
+        if member is Path:
+            return f"give an absolute path{such_as}{or_null}"
+        if member is str:
+            return f"write it as a single string{such_as}{or_null}"
+        if typing.get_origin(member) is list:
+            inner = {m for arg in typing.get_args(member) for m in _members(arg)}
+            if item:
+                return "give each item as a number or a name" if inner == {int, str} else "correct the item"
+            items = "numbers or names, such as [0, 1000]" if inner == {int, str} else "values"
+            return f"give a list of {items}{or_null}"
+    if set(members) == {int, str}:
+        return f"give a name or a number{or_null}"
+    return f"give a value of type {info.annotation}{or_null}"  # a new kind of setting: a test asks for a better one
+
+
 _USERINFO = re.compile(r"(^|://|\s)[^\s/?#@]+@")
 
 
@@ -805,51 +951,108 @@ def _shown(value: str) -> str:
     return value if len(value) <= 60 else f"{value[:40]}... ({len(value)} characters)"
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[str, ...]:
-    # Discriminated unions insert their tag ("local", "approle") into the location; drop it.
-    tags = set(BACKEND_KINDS) | set(VAULT_AUTH_METHODS)
-    parts = [str(p) for p in loc]
-    return tuple(p for i, p in enumerate(parts) if not (i > 0 and p in tags and parts[i - 1] in ("backend", "auth")))
+class Problem(NamedTuple):
+    """One mistake in the settings."""
+
+    where: str
+    """The setting's dotted path, and what set it if not the file: ``server.endpoint (from environment
+    variable KLEIDI_SERVER__ENDPOINT)``."""
+    message: str
+    """What is wrong with it."""
+    fix: str
+    """What to do about it: an action, from the validator that refused the value or derived from the
+    setting's type and constraints."""
 
 
-def format_validation_error(exc: ValidationError, source: str,
-                            origins: Mapping[tuple[str, ...], str] | None = None) -> str:
+class InvalidSettings(ConfigError):
+    """Settings that fail validation: every mistake at once, one :class:`Problem` each.
+
+    ``problems`` holds each problem with its own fix, for renderers that show them one by one.
+    ``message`` starts with ``invalid configuration (<source>):``, then one line per problem.
+    With one problem, its fix is ``fix``, and ``str()`` is ``"<message>; fix: <fix>"`` as for any
+    kleidi error. With several, each line of ``message`` ends with its own ``; fix: ...``, ``fix``
+    says to correct each of them, and ``str()`` is ``message`` alone: a last ``; fix:`` for all of
+    them would read as the last line's.
+    """
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        head = f"invalid configuration ({source}):"
+        if len(self.problems) == 1:
+            only = self.problems[0]
+            super().__init__(f"{head}\n  {only.where}: {only.message}", fix=only.fix)
+            return
+        lines = "".join(f"\n  {p.where}: {p.message}; fix: {p.fix}" for p in self.problems)
+        super().__init__(f"{head}{lines}", fix=f"correct each of the {len(self.problems)} settings above as its "
+                         "line says")
+        self.args = (self.message,)
+
+
+def validation_problems(exc: ValidationError, origins: Mapping[tuple[str, ...], str] | None = None) -> list[Problem]:
+    """One :class:`Problem` per mistake pydantic found, each with a fix; ``origins`` maps setting
+    paths to what set them (an environment variable, a flag)."""
     origins = origins or {}
-    lines = [f"invalid configuration ({source}):"]
+    problems: list[Problem] = []
     for err in exc.errors():
-        path = _clean_loc(err["loc"])
-        dotted = ".".join(path) or "(top level)"
+        at = _locate(err["loc"])
         # An unknown section set from the environment fails at the section ("servr"), not at the
         # variable's full path ("servr", "endpoint"): find the origin by prefix too.
-        origin = origins.get(path) or next((o for p, o in origins.items() if p[:len(path)] == path), None)
-        where = f" (from {origin})" if origin else ""
-        description, siblings = _field_info(path)
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(path[-1], siblings, n=1)
-            hint = f"did you mean {'.'.join((*path[:-1], close[0]))!r}?" if close else \
-                f"valid fields here: {', '.join(siblings)}"
-            lines.append(f"  {dotted}{where}: unknown field; fix: remove it ({hint})")
-            continue
-        if err["type"] == "union_tag_invalid":
-            tag = "kind" if path[-1] == "backend" else "method"
-            choices = BACKEND_KINDS if tag == "kind" else VAULT_AUTH_METHODS
-            lines.append(f"  {dotted}.{tag}{where}: unknown {tag} {err['input'].get(tag)!r}; "
-                         f"fix: use one of: {', '.join(choices)}")
-            continue
-        if err["type"] == "union_tag_not_found":
-            lines.append(f"  {dotted}{where}: missing `method`; fix: set method to one of: "
-                         f"{', '.join(VAULT_AUTH_METHODS)}")
-            continue
-        message = _USERINFO.sub(r"\1***@", str(err["msg"]).removeprefix("Value error, "))
-        given = err.get("input")
-        got = ""
-        if err["type"] not in _NO_INPUT_ERRORS and isinstance(given, str | int | float | bool) \
-                and repr(given) not in message:
-            got = f" (got {_shown(given)!r})" if isinstance(given, str) else f" (got {_shown(repr(given))})"
-        # A message that carries its own fix needs no second one from the field's description.
-        fix = f"; fix: {' '.join(description.split())}" if description and "fix:" not in message else ""
-        lines.append(f"  {dotted}{where}: {message}{got}{fix}")
-    return "\n".join(lines)
+        origin = origins.get(at.path) or next((o for p, o in origins.items() if p[:len(at.path)] == at.path), None)
+        where = (at.shown or "(top level)") + (f" (from {origin})" if origin else "")
+        problem = _problem(err, at, where)
+        if problem not in problems:  # the members of a union (int | str) each report the same mistake
+            problems.append(problem)
+    return problems
+
+
+def _problem(err: Any, at: _Located, where: str) -> Problem:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        name = at.path[-1]
+        close = difflib.get_close_matches(name, at.siblings, n=1)
+        hint = f"did you mean {'.'.join((*at.path[:-1], close[0]))!r}?" if close else \
+            f"valid fields here: {', '.join(at.siblings)}"
+        owners = [str(_tag(m)) for m in at.others if name in m.model_fields]
+        if at.chosen is not None and owners:
+            # Suggestions come from the chosen backend or method only; say where the field belongs.
+            tag = "kind" if _tag(at.chosen) in BACKEND_KINDS else "method"
+            return Problem(where, f"unknown field for {tag}: {_tag(at.chosen)} (it is a setting of {tag} "
+                           f"{', '.join(owners[:-1]) + ' or ' if len(owners) > 1 else ''}{owners[-1]})",
+                           f"remove it ({hint})")
+        return Problem(where, "unknown field", f"remove it ({hint})")
+    if kind == "union_tag_invalid":
+        tag = "kind" if at.path[-1] == "backend" else "method"
+        choices = BACKEND_KINDS if tag == "kind" else VAULT_AUTH_METHODS
+        given = err["input"].get(tag) if isinstance(err["input"], dict) else None
+        return Problem(where.replace(at.shown, f"{at.shown}.{tag}", 1), f"unknown {tag} {_shown(str(given))!r}",
+                       f"use one of: {', '.join(choices)}")
+    if kind == "union_tag_not_found":
+        return Problem(where, "missing `method`", f"set method to one of: {', '.join(VAULT_AUTH_METHODS)}")
+    error = ctx.get("error")
+    own_fix, own_message = getattr(error, "fix", None), getattr(error, "message", None)
+    if isinstance(own_fix, str) and isinstance(own_message, str):
+        message, fix = own_message, own_fix  # the validator's own (InvalidValue, DurationError)
+    elif isinstance(ctx.get("fix"), str):
+        message, fix = str(err["msg"]), ctx["fix"]  # a PydanticCustomError's
+    elif kind == "missing":
+        message = "required, and not set"
+        example = _example(at.info) if at.info is not None else None
+        fix = f"set it, e.g. `{at.path[-1]}: {_inline(example)}`" if example is not None else f"set {at.path[-1]}"
+    elif at.info is not None:
+        message, fix = str(err["msg"]), _type_fix(at.info, at.item)
+        if at.in_union:  # "Input should be a valid integer" for one member, "... string" for the other
+            message = "not a value of the expected type"
+        elif kind == "path_type":  # pydantic's own names a Python class
+            message = "not a path"
+    else:
+        message, fix = str(err["msg"]), "correct the value (see docs/configuration.md)"
+    message = _USERINFO.sub(r"\1***@", message.removeprefix("Value error, "))
+    given = err.get("input")
+    if kind not in _NO_INPUT_ERRORS and isinstance(given, str | int | float | bool) and repr(given) not in message:
+        message += f" (got {_shown(given)!r})" if isinstance(given, str) else f" (got {_shown(_inline(given))})"
+    return Problem(where, message, fix)
 
 
 def json_schema() -> dict[str, Any]:

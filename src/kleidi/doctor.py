@@ -31,7 +31,7 @@ def _config(config_file: Path | None) -> tuple[KleidiSettings | None, Check]:
     try:
         settings = load_settings(config_file)
     except KleidiError as exc:
-        return None, Check("config", FAIL, str(exc).splitlines()[0], "\n".join(str(exc).splitlines()[1:]).strip())
+        return None, Check("config", FAIL, *_split(exc))
     return settings, Check("config", PASS, f"{config_file or 'defaults and environment'} is valid")
 
 
@@ -45,9 +45,7 @@ def _files(settings: KleidiSettings) -> list[Check]:
             check_file_safety(backend.keyring)
             checks.append(Check("keyring file", PASS, f"{backend.keyring}: regular file, mode 0600 or stricter, ours"))
         except KleidiError as exc:
-            message = str(exc)
-            checks.append(Check("keyring file", FAIL, message.split("; fix:")[0],
-                                message.split("; fix:")[1].strip() if "; fix:" in message else ""))
+            checks.append(Check("keyring file", FAIL, *_split(exc)))
     else:
         for label, path in (("token file", getattr(backend.auth, "token_file", None)),
                             ("secret_id file", getattr(backend.auth, "secret_id_file", None)),
@@ -73,26 +71,40 @@ async def _backend(settings: KleidiSettings) -> list[Check]:
     try:
         backend = create_backend(settings.backend)
     except KleidiError as exc:
-        return [Check("backend", FAIL, str(exc))]
+        return [Check("backend", FAIL, *_split(exc))]
     checks: list[Check] = [await _clock_skew(settings)] if settings.backend.kind == "vault" else []
     try:
         try:
             async with asyncio.timeout(settings.backend.timeout + 5):
                 keys = await backend.load_keys()
         except (KleidiError, TimeoutError) as exc:
-            return [*checks, Check("backend reachable", FAIL, str(exc) or "no answer in time",
-                                   "check the backend's address, credentials and policy (docs/backends/)")]
+            return [*checks, Check("backend reachable", FAIL, _detail(exc),
+                                   _fix(exc, "check the backend's address, credentials and policy (docs/backends/)"))]
         checks.append(Check("backend reachable", PASS, f"{backend.describe()}: current key_id {keys.current.key_id}"))
         try:
             async with asyncio.timeout(settings.backend.timeout + 5):
                 await round_trip(backend, keys.current)
             checks.append(Check("encrypt/decrypt round trip", PASS, "the KEK wraps and unwraps"))
         except (KleidiError, TimeoutError) as exc:
-            checks.append(Check("encrypt/decrypt round trip", FAIL, str(exc) or "no answer in time",
-                                "check the policy: encrypt and decrypt on the key (kleidi policy vault)"))
+            checks.append(Check("encrypt/decrypt round trip", FAIL, _detail(exc),
+                                _fix(exc, "check the policy: encrypt and decrypt on the key (kleidi policy vault)")))
     finally:
         await backend.close()
     return checks
+
+
+def _split(exc: KleidiError) -> tuple[str, str]:
+    """(detail, fix) of an error: its two fields, for the detail and fix columns."""
+    return exc.message, exc.fix or ""
+
+
+def _detail(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, KleidiError) else "no answer in time"
+
+
+def _fix(exc: BaseException, default: str) -> str:
+    """The error's own fix when it has one (it knows more), else the check's general advice."""
+    return (exc.fix if isinstance(exc, KleidiError) else None) or default
 
 
 async def _clock_skew(settings: Any, limit: float = 30.0) -> Check:
@@ -148,7 +160,7 @@ def _socket(settings: KleidiSettings, expected_key_id: str | None) -> list[Check
             checks.append(Check("socket permissions", PASS, f"{endpoint.path}: mode {mode:04o}"))
     status = check_status(settings.server.endpoint, 3.0)
     if status.error is not None:
-        checks.append(Check("kleidi answers", FAIL, status.error, "start kleidi, or check server.endpoint"))
+        checks.append(Check("kleidi answers", FAIL, status.error, status.fix or "see kleidi's log"))
     elif status.problems:
         checks.append(Check("kleidi answers", FAIL, "; ".join(status.problems), "see kleidi's log"))
     elif expected_key_id is not None and status.key_id != expected_key_id:
@@ -163,8 +175,7 @@ def _ancestors(path: Path, what: str, name: str) -> Check:
     try:
         check_ancestors(path, what)
     except ConfigError as exc:
-        detail, _, fix = str(exc).partition("; fix: ")
-        return Check(name, FAIL, detail, fix)
+        return Check(name, FAIL, *_split(exc))
     return Check(name, PASS, f"{path}: every directory above it is writable only by root or kleidi's user")
 
 
@@ -172,8 +183,8 @@ def _encryption_config(settings: KleidiSettings, path: Path) -> Check:
     try:
         doc = load_yaml_file(path, "EncryptionConfiguration")
     except ConfigError as exc:
-        detail, _, fix = str(exc).partition("; fix: ")
-        return Check("EncryptionConfiguration", FAIL, detail, fix or "generate it with kleidi encryption-config")
+        return Check("EncryptionConfiguration", FAIL, _detail(exc),
+                     _fix(exc, "generate it with kleidi encryption-config"))
     try:
         providers = [p["kms"] for r in doc["resources"] for p in r["providers"] if "kms" in p]
     except (KeyError, TypeError) as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from kleidi.errors import ConfigError
+from kleidi.errors import ConfigError, InvalidValue
 
 MAX_SOCKET_PATH = 107
 """sun_path is 108 bytes including the terminating NUL (for an abstract name, the leading NUL)."""
@@ -43,31 +43,42 @@ def parse_endpoint(url: str) -> Endpoint:
     """Parse an endpoint the way the apiserver does (kms-protocol.md §1.1).
 
     ``unix:///var/run/kms.sock`` is the path ``/var/run/kms.sock``; ``unix:///@name`` is the abstract
-    socket ``name``. Anything else raises :class:`ConfigError` with the fix.
+    socket ``name``. Anything else raises :class:`InvalidValue` (a ValueError) with the fix.
     """
     parsed = urlparse(url)
     if "@" in parsed.netloc:
         # Not echoed: whatever is before the @ may be a credential.
-        raise ValueError("endpoint holds a user name or password (user@); a unix socket has neither; fix: use "
-                         "unix:///absolute/path")
+        raise InvalidValue("endpoint holds a user name or password (user@); a unix socket has neither",
+                           fix="use unix:///absolute/path")
     if parsed.scheme != "unix":
-        raise ValueError(f"endpoint must start with unix:// (the apiserver only speaks to unix sockets), got {url!r}")
+        raise InvalidValue(f"endpoint must start with unix:// (the apiserver only speaks to unix sockets), got {url!r}",
+                           fix="use unix:///absolute/path, e.g. unix:///var/run/kleidi/kleidi.sock")
     if parsed.netloc:
-        raise ValueError(f"endpoint {url!r} has a host part {parsed.netloc!r}; use three slashes: "
-                         f"unix:///{parsed.netloc}{parsed.path}")
+        raise InvalidValue(f"endpoint {url!r} has a host part {parsed.netloc!r}",
+                           fix=f"use three slashes: unix:///{parsed.netloc}{parsed.path}")
     if not parsed.path or parsed.path == "/":
-        raise ValueError(f"endpoint {url!r} names no socket path")
+        raise InvalidValue(f"endpoint {url!r} names no socket path",
+                           fix="add the socket's path, e.g. unix:///var/run/kleidi/kleidi.sock")
     if not parsed.path.startswith("/"):
-        raise ValueError(f"endpoint {url!r} is relative; use an absolute path: unix:///absolute/path")
+        raise InvalidValue(f"endpoint {url!r} is relative", fix="use an absolute path: unix:///absolute/path")
     if len(parsed.path.encode()) > MAX_SOCKET_PATH:
-        raise ValueError(f"socket path {parsed.path[:40]}... is {len(parsed.path.encode())} bytes; unix sockets "
-                         f"allow at most {MAX_SOCKET_PATH}; use a shorter path")
+        raise InvalidValue(f"socket path {parsed.path[:40]}... is {len(parsed.path.encode())} bytes; unix sockets "
+                           f"allow at most {MAX_SOCKET_PATH}", fix=f"use a path of at most {MAX_SOCKET_PATH} bytes")
     if parsed.path.startswith("/@"):
         name = parsed.path[2:]
         if not name:
-            raise ValueError(f"endpoint {url!r} names an empty abstract socket")
+            raise InvalidValue(f"endpoint {url!r} names an empty abstract socket",
+                               fix="name it after the @, e.g. unix:///@kleidi")
         return Endpoint(url=url, abstract_name=name)
     return Endpoint(url=url, path=Path(parsed.path))
+
+
+def check_endpoint_flag(url: str, flag: str) -> Endpoint:
+    """:func:`parse_endpoint` for a command-line flag: a refusal is a ConfigError naming ``flag``."""
+    try:
+        return parse_endpoint(url)
+    except InvalidValue as exc:
+        raise ConfigError(f"{flag}: {exc.message}", fix=exc.fix) from None
 
 
 def is_listening(path: Path) -> bool:
@@ -108,7 +119,7 @@ def check_ancestors(path: Path, what: str) -> None:
     setting), the directory and the fix.
     """
     if not path.is_absolute():
-        raise ConfigError(f"{what}: {path} must be an absolute path; fix: give it from /")
+        raise ConfigError(f"{what}: {path} must be an absolute path", fix="give it from /")
     uid = os.geteuid()
     current = Path("/")
     _check_entry(current, _lstat(current, what), uid, what)
@@ -125,13 +136,13 @@ def check_ancestors(path: Path, what: str) -> None:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise ConfigError(f"{what}: cannot check {candidate}: {exc.strerror}; fix: kleidi's user must be able "
-                              "to search every directory on the path") from None
+            raise ConfigError(f"{what}: cannot check {candidate}: {exc.strerror}",
+                              fix="let kleidi's user search every directory on the path (chmod +x)") from None
         if stat.S_ISLNK(st.st_mode):
             links += 1
             if links > _MAX_SYMLINKS:
-                raise ConfigError(f"{what}: {path} goes through more than {_MAX_SYMLINKS} symbolic links; fix: "
-                                  "give the path without symbolic links")
+                raise ConfigError(f"{what}: {path} goes through more than {_MAX_SYMLINKS} symbolic links",
+                                  fix="give the path without symbolic links")
             _check_entry(candidate, st, uid, what)
             target = Path(os.readlink(candidate))
             if target.is_absolute():
@@ -148,8 +159,8 @@ def _lstat(path: Path, what: str) -> os.stat_result:
     try:
         return os.lstat(path)
     except OSError as exc:
-        raise ConfigError(f"{what}: cannot check {path}: {exc.strerror}; fix: kleidi's user must be able to "
-                          "search every directory on the path") from None
+        raise ConfigError(f"{what}: cannot check {path}: {exc.strerror}",
+                          fix="let kleidi's user search every directory on the path (chmod +x)") from None
 
 
 def _check_entry(path: Path, st: os.stat_result, uid: int, what: str) -> None:
@@ -162,14 +173,14 @@ def _check_entry(path: Path, st: os.stat_result, uid: int, what: str) -> None:
         ours = "root" if uid == 0 else f"root or kleidi's user (uid {uid})"
         kind, chown = ("symbolic link", "chown -h") if stat.S_ISLNK(st.st_mode) else ("directory", "chown")
         raise ConfigError(f"{what}: {kind} {path} is owned by {owner}, not by {ours}: that user could replace what "
-                          f"is below it and receive what kleidi serves there; fix: {chown} root {path}, or choose a "
-                          "path under directories owned by root")
+                          "is below it and receive what kleidi serves there",
+                          fix=f"{chown} root {path}, or choose a path under directories owned by root")
     mode = stat.S_IMODE(st.st_mode)
     if stat.S_ISDIR(st.st_mode) and mode & 0o022 and not mode & stat.S_ISVTX:
         raise ConfigError(f"{what}: directory {path} is writable by others (mode {mode:04o}: group- or "
                           "world-writable without the sticky bit), who could move what is below it away and put "
-                          f"their own files (a socket that receives the apiserver's seeds) in its place; fix: chmod "
-                          f"go-w {path}, or choose a path under directories only root can write")
+                          "their own files (a socket that receives the apiserver's seeds) in its place",
+                          fix=f"chmod go-w {path}, or choose a path under directories only root can write")
 
 
 def _make_parents(directory: Path) -> None:
@@ -194,7 +205,7 @@ def prepare_path(endpoint: Endpoint) -> None:
     if path is None:
         return
     if not path.is_absolute():
-        raise ConfigError(f"server.endpoint: socket path {path} must be absolute; fix: unix:///absolute/path")
+        raise ConfigError(f"server.endpoint: socket path {path} must be absolute", fix="use unix:///absolute/path")
     check_ancestors(path, "server.endpoint")  # before creating anything under a directory others control
     try:
         _make_parents(path.parent)
@@ -204,21 +215,21 @@ def prepare_path(endpoint: Endpoint) -> None:
         return
     except OSError as exc:
         raise ConfigError(f"server.endpoint: cannot use {path}: {exc.strerror} ({path.parent} must be a directory "
-                          "kleidi can create and write); fix: create the directory, or choose another path") from None
+                          "kleidi can create and write)", fix="create the directory, or choose another path") from None
     if stat.S_ISLNK(st.st_mode):
-        raise ConfigError(f"server.endpoint: {path} is a symbolic link; kleidi will not follow it; "
-                          "fix: remove the link or choose another path")
+        raise ConfigError(f"server.endpoint: {path} is a symbolic link; kleidi will not follow it",
+                          fix="remove the link or choose another path")
     if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"server.endpoint: {path} exists and is not a socket; kleidi will not replace it; "
-                          "fix: remove it or choose another path")
+        raise ConfigError(f"server.endpoint: {path} exists and is not a socket; kleidi will not replace it",
+                          fix="remove it or choose another path")
     try:
         listening = is_listening(path)
     except OSError as exc:
-        raise ConfigError(f"server.endpoint: cannot check whether {path} is in use: {exc.strerror}; fix: check "
-                          "the permissions of the socket and its directory") from None
+        raise ConfigError(f"server.endpoint: cannot check whether {path} is in use: {exc.strerror}",
+                          fix="let kleidi's user connect to the socket and search its directory") from None
     if listening:
-        raise ConfigError(f"server.endpoint: another process is already serving on {path}; "
-                          "fix: stop it, or choose another path")
+        raise ConfigError(f"server.endpoint: another process is already serving on {path}",
+                          fix="stop it, or choose another path")
     path.unlink()
 
 
@@ -229,8 +240,8 @@ def _resolve_id(value: int | str, lookup: Callable[[str], int], what: str) -> in
     try:
         return lookup(value)
     except KeyError:
-        raise ValueError(f"no {what} named {value!r} on this host; fix: use an existing {what} name or a numeric "
-                         "id") from None
+        raise InvalidValue(f"no {what} named {value!r} on this host",
+                           fix=f"use an existing {what} name or a numeric id") from None
 
 
 def resolve_uid(value: int | str) -> int:
@@ -259,8 +270,8 @@ def restrict(endpoint: Endpoint, mode: int, group: str | int | None) -> None:
     if group is not None:
         try:
             gid = resolve_gid(group)
-        except ValueError as exc:
-            raise ConfigError(f"server.socket_group: {exc}") from None
+        except InvalidValue as exc:
+            raise ConfigError(f"server.socket_group: {exc.message}", fix=exc.fix) from None
         os.chown(endpoint.path, -1, gid)
     os.chmod(endpoint.path, mode)
 

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from types import ModuleType
 from typing import Any
 
+from kleidi import __version__
 from kleidi.backends.base import Backend
 from kleidi.errors import ConfigError
 
@@ -17,16 +21,43 @@ def available() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=GROUP)}
 
 
-def create_backend(settings: Any) -> Backend:
-    kind = settings.kind
+def missing_extra(kind: str, module: str | None = None) -> ConfigError:
+    """The one error for a backend whose optional dependencies are not installed.
+
+    ``kleidi`` is not published on an index, so the fix also says how to add the extra to an
+    install from a checkout or a wheel."""
+    what = f" ({module} is not installed)" if module else ""
+    return ConfigError(
+        f"the {kind} backend needs the optional dependencies of kleidi[{kind}]{what}",
+        fix=f"pip install 'kleidi[{kind}]' (from a checkout: pip install '/path/to/kleidi[{kind}]'; from a wheel: "
+            f"pip install 'kleidi-{__version__}-py3-none-any.whl[{kind}]')")
+
+
+def import_backend_module(kind: str, module: str) -> ModuleType:
+    """Import a backend's module (e.g. for its CLI helpers), turning a missing extra into its error."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if (exc.name or "kleidi").partition(".")[0] == "kleidi":
+            raise  # kleidi's own module is missing: a broken install, not a missing extra
+        raise missing_extra(kind, exc.name) from None
+
+
+def backend_class(kind: str) -> Callable[[Any], Backend]:
+    """The class registered for ``kind``, imported: fails if the backend or its extra is missing."""
     matches = [ep for ep in entry_points(group=GROUP) if ep.name == kind]
     if not matches:
         raise ConfigError(f"backend.kind: no backend named {kind!r} is installed; installed: "
-                          f"{', '.join(sorted(available())) or 'none'}")
+                          f"{', '.join(sorted(available())) or 'none'}",
+                          fix=f"set backend.kind to one of: {', '.join(sorted(available())) or 'none'}")
     try:
-        cls = matches[0].load()
+        cls: Callable[[Any], Backend] = matches[0].load()
     except ImportError as exc:
-        raise ConfigError(f"backend.kind: the {kind!r} backend cannot be loaded ({exc.name} is missing); "
-                          f"fix: pip install 'kleidi[{kind}]'") from None
-    backend: Backend = cls(settings)
-    return backend
+        if (exc.name or "kleidi").partition(".")[0] == "kleidi":
+            raise
+        raise missing_extra(kind, exc.name) from None
+    return cls
+
+
+def create_backend(settings: Any) -> Backend:
+    return backend_class(settings.kind)(settings)

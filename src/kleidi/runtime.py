@@ -60,14 +60,15 @@ class PrivateDirectory:
         longest = len(os.fsencode(base)) + 1 + name_len + 1 + self._longest_entry
         if longest > endpoint.MAX_SOCKET_PATH:
             raise ConfigError(f"{self._setting}: {base} is too long for kleidi's private sockets (their paths "
-                              f"would be up to {longest} bytes; unix sockets allow {endpoint.MAX_SOCKET_PATH}); "
-                              "fix: set server.runtime_dir to a shorter directory, e.g. /run/kleidi")
+                              f"would be up to {longest} bytes; unix sockets allow {endpoint.MAX_SOCKET_PATH})",
+                              fix="set server.runtime_dir to a shorter directory, e.g. /run/kleidi")
         endpoint.check_ancestors(base, self._setting)  # else someone could swap in a directory of theirs
         try:
             base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise ConfigError(f"{self._setting}: cannot use {base}: {exc.strerror}; fix: create it, "
-                              "writable by kleidi's user, or set server.runtime_dir to such a directory") from None
+            raise ConfigError(f"{self._setting}: cannot use {base}: {exc.strerror}",
+                              fix="create it, writable by kleidi's user, or set server.runtime_dir to such a "
+                              "directory") from None
         try:
             # Serialise with other kleidis starting in the same directory: none removes a directory that
             # another has created but not locked yet.
@@ -80,7 +81,7 @@ class PrivateDirectory:
                 private = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=base))  # 0700
             except OSError as exc:
                 raise ConfigError(f"{self._setting}: cannot create kleidi's private directory in {base}: "
-                                  f"{exc.strerror}; fix: let kleidi's user write {base}, or set server.runtime_dir "
+                                  f"{exc.strerror}", fix=f"let kleidi's user write {base}, or set server.runtime_dir "
                                   "to a directory it can write (a tmpfs works under a read-only root)") from None
             self._path = private
             self._lock_fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -110,7 +111,7 @@ def _runtime_base(public: Endpoint, configured: Path | None) -> tuple[Path, str]
     else:
         base, setting = Path(tempfile.gettempdir()), "server.runtime_dir (unset: the temporary directory)"
     if not base.is_absolute():
-        raise ConfigError(f"{setting}: {base} is not absolute; fix: use an absolute path")
+        raise ConfigError(f"{setting}: {base} is not absolute", fix="use an absolute path")
     return base, setting
 
 

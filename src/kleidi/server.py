@@ -38,8 +38,10 @@ class Server:
     """One kleidi instance: backend, key state, gRPC server. ``run()`` serves until ``stop()``."""
 
     def __init__(self, settings: KleidiSettings, backend: Backend | None = None,
-                 reload_settings: Callable[[], KleidiSettings] | None = None, watch: Path | None = None) -> None:
+                 reload_settings: Callable[[], KleidiSettings] | None = None, watch: Path | None = None,
+                 on_started: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self._on_started = on_started
         self._reload_settings = reload_settings
         self._watch = watch
         self.endpoint = endpoint.parse_endpoint(settings.server.endpoint)
@@ -176,8 +178,8 @@ class Server:
             except RuntimeError:  # grpcio raises instead of returning 0
                 port = 0
             if port == 0:
-                raise ConfigError(f"server.endpoint: cannot bind {self.endpoint}; fix: check that the directory "
-                                  "exists and is writable")
+                raise ConfigError(f"server.endpoint: cannot bind {self.endpoint}",
+                                  fix="check that the directory exists and that kleidi's user may write it")
             await server.start()
 
     async def _live(self) -> tuple[bool, str]:
@@ -210,8 +212,9 @@ class Server:
             health = telemetry.HealthServer(address, self._live, self._ready, max_connections=settings.max_connections,
                                             request_timeout=settings.request_timeout)
         except OSError as exc:
-            raise ConfigError(f"telemetry.address: cannot listen on {address}: {exc.strerror}; fix: choose a free "
-                              "port, or set telemetry.address: null to turn metrics and health endpoints off") from None
+            raise ConfigError(f"telemetry.address: cannot listen on {address}: {exc.strerror}",
+                              fix="choose a free port, or set telemetry.address: null to turn metrics and health "
+                              "endpoints off") from None
         # One channel for every /livez probe (a channel per probe costs a connection each), closed in run().
         self._live_channel = grpc.aio.insecure_channel(self.endpoint.grpc_address,
                                                        options=[("grpc.default_authority", "localhost")])
@@ -228,8 +231,8 @@ class Server:
                                       fsync=settings.fsync, max_bytes=settings.max_bytes, keep=settings.keep,
                                       on_failure=settings.on_failure, anchor_path=settings.anchor_path)
         except OSError as exc:
-            raise ConfigError(f"audit.path: cannot open {settings.path}: {exc.strerror}; fix: create the directory "
-                              "and let kleidi's user write it") from None
+            raise ConfigError(f"audit.path: cannot open {settings.path}: {exc.strerror}",
+                              fix="create the directory and let kleidi's user write it") from None
         audit.activate(log_file)
         return log_file
 
@@ -262,6 +265,8 @@ class Server:
                 audit.activate(None)
                 audit_log.close()
             raise
+        if self._on_started is not None:  # start-up succeeded: what it created (a keyring) is in use from now
+            self._on_started()
         audit.note("start", version=__version__, backend=self.backend.kind, endpoint=str(self.endpoint),
                    key_id=self.keys.key_set.current.key_id if self.keys.key_set else None)
         syncer = asyncio.create_task(self._sync_audit(audit_log)) if audit_log else None
@@ -328,9 +333,10 @@ def harden_process(lock_memory: bool = False) -> None:
         # ONFAULT: lock pages as they are touched, rather than faulting in every thread's whole stack now.
         if libc is None or libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
             errno_text = os.strerror(ctypes.get_errno()) if libc is not None else "no libc"
-            raise ConfigError(f"server.lock_memory: cannot lock memory ({errno_text}); fix: give kleidi "
-                              "CAP_IPC_LOCK (in a pod: securityContext.capabilities.add: [IPC_LOCK]) or raise its "
-                              "RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=infinity), or set server.lock_memory: false")
+            raise ConfigError(f"server.lock_memory: cannot lock memory ({errno_text})",
+                              fix="give kleidi CAP_IPC_LOCK (in a pod: securityContext.capabilities.add: [IPC_LOCK]) "
+                              "or raise its RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=infinity), or set "
+                              "server.lock_memory: false")
         log.info("memory locked in RAM (mlockall): no page of kleidi's is swapped out")
     if libc is None or not hasattr(libc, "prctl"):
         log.warning("prctl is not available: the process stays dumpable")
@@ -342,12 +348,12 @@ def harden_process(lock_memory: bool = False) -> None:
 
 
 def serve(settings: KleidiSettings, reload_settings: Callable[[], KleidiSettings] | None = None,
-          watch: Path | None = None) -> None:
+          watch: Path | None = None, on_started: Callable[[], None] | None = None) -> None:
     """Build the server and run it until SIGTERM/SIGINT; SIGHUP, or a change to the file ``watch``,
     reloads through ``reload_settings``."""
     harden_process(settings.server.lock_memory)  # after logging is configured, so the result is logged
     with asyncio.Runner(loop_factory=_event_loop_factory(settings.server.event_loop)) as runner:
-        runner.run(Server(settings, reload_settings=reload_settings, watch=watch).run())
+        runner.run(Server(settings, reload_settings=reload_settings, watch=watch, on_started=on_started).run())
 
 
 def _event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -39,7 +39,7 @@ def _local_plugin(kleidi_factory: Any) -> PluginUnderTest:
         assert result.returncode == 0, result.stderr
 
     def retire(key_id: str) -> None:
-        listing = json.loads(run_kleidi("keys", "--keyring", keyring, "--json").stdout)
+        listing = json.loads(run_kleidi("keys", "--keyring", keyring, "--output", "json").stdout)
         version = next(v["version"] for v in listing["versions"] if v["key_id"] == key_id)
         result = run_kleidi("retire", str(version), "--yes", "--keyring", keyring)
         assert result.returncode == 0, result.stderr

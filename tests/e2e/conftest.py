@@ -112,7 +112,7 @@ def any_backend_cluster(request: pytest.FixtureRequest, control_plane: ControlPl
         keyring = str(kleidi.keyring)
 
         def retire_local(key_id: str) -> None:
-            listing = json.loads(run_kleidi("keys", "--keyring", keyring, "--json").stdout)
+            listing = json.loads(run_kleidi("keys", "--keyring", keyring, "--output", "json").stdout)
             version = next(v["version"] for v in listing["versions"] if v["key_id"] == key_id)
             assert run_kleidi("retire", str(version), "--yes", "--keyring", keyring).returncode == 0
 

@@ -420,8 +420,8 @@ def test_policy_command_prints_the_minimal_policy(short_dir: Path) -> None:
 
 @pytest.mark.parametrize("auth, message", [
     ({"method": "password"}, "backend.auth.method"),
-    ({"method": "token"}, "set exactly one of token_file or token_env"),
-    ({"method": "approle", "role_id_file": "/x"}, "set exactly one of secret_id_file or secret_id_env"),
+    ({"method": "token"}, "neither token_file nor token_env is set"),
+    ({"method": "approle", "role_id_file": "/x"}, "neither secret_id_file nor secret_id_env is set"),
     ({"method": "jwt"}, "backend.auth.role"),
     ({"method": "token", "token": "s.inline-secret"}, "unknown field"),
 ])

@@ -68,6 +68,9 @@ class Backend(ABC):
     """
 
     kind: ClassVar[str]
+    retired_fix: ClassVar[str] = ("if the objects stored under it are still needed, restore that key version in the "
+                                  "backend; else delete and re-create them")
+    """What an operator can do about a retired key_id: only they can bring a version back."""
 
     @abstractmethod
     async def load_keys(self, force: bool = False) -> KeySet:

@@ -37,6 +37,8 @@ FORMAT = "kleidi-keyring"
 FORMAT_VERSION = 1
 ACTIVE = "active"
 RETIRED = "retired"
+RETIRED_FIX = ("if the objects stored under it are still needed, restore that version from a keyring backup made "
+               "before `kleidi retire`; else delete and re-create them")
 
 
 def _now() -> str:
@@ -93,12 +95,14 @@ class Keyring:
         """Destroy a version's key material; ciphertexts wrapped with it can no longer be decrypted."""
         entry = self.versions.get(version)
         if entry is None:
-            raise InvalidRequest(f"keyring has no version {version}; see `kleidi keys`")
+            raise InvalidRequest(f"keyring has no version {version}",
+                                 fix="give a version that `kleidi keys` lists")
         if version == self.current:
-            raise InvalidRequest(f"version {version} is current; rotate first (`kleidi rotate`), re-encrypt, "
-                                 "then retire it")
+            raise InvalidRequest(f"version {version} is current",
+                                 fix="rotate first (`kleidi rotate`), re-encrypt, then retire it")
         if entry.state == RETIRED:
-            raise InvalidRequest(f"version {version} is already retired")
+            raise InvalidRequest(f"version {version} is already retired",
+                                 fix="check the version: `kleidi keys` lists the ones still active")
         entry.state, entry.key, entry.retired = RETIRED, None, _now()
         return entry
 
@@ -121,7 +125,7 @@ class Keyring:
     @classmethod
     def from_json(cls, text: str, path: Path) -> Keyring:
         def bad(why: str) -> KeyringError:
-            return KeyringError(f"keyring {path} is malformed: {why}; fix: restore it from your backup")
+            return KeyringError(f"keyring {path} is malformed: {why}", fix="restore it from your backup")
 
         try:
             doc = json.loads(text)
@@ -131,7 +135,7 @@ class Keyring:
             raise bad(f"not a kleidi keyring (no \"format\": \"{FORMAT}\")")
         if doc.get("format_version") != FORMAT_VERSION:
             raise KeyringError(f"keyring {path} has format_version {doc.get('format_version')!r}; this kleidi "
-                               f"reads {FORMAT_VERSION}; fix: upgrade kleidi")
+                               f"reads {FORMAT_VERSION}", fix="upgrade kleidi to the version that wrote the keyring")
         try:
             versions: dict[int, KeyEntry] = {}
             for item in doc["versions"]:
@@ -165,22 +169,23 @@ def check_file_safety(path: Path) -> os.stat_result:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise KeyringError(f"keyring {path} does not exist; fix: create it with `kleidi keygen --keyring {path}` "
+        raise KeyringError(f"keyring {path} does not exist", fix=f"create it with `kleidi keygen --keyring {path}` "
                            "(or set backend.create_if_missing: true for a first try)") from None
     if stat.S_ISLNK(st.st_mode):
-        raise KeyringError(f"keyring {path} is a symbolic link; fix: point backend.keyring at the real file")
+        raise KeyringError(f"keyring {path} is a symbolic link", fix="point backend.keyring at the real file")
     if not stat.S_ISREG(st.st_mode):
-        raise KeyringError(f"keyring {path} is not a regular file")
+        raise KeyringError(f"keyring {path} is not a regular file",
+                           fix="point backend.keyring at the keyring file that `kleidi keygen` wrote")
     if st.st_mode & 0o077:
         raise KeyringError(f"keyring {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable or writable by "
-                           f"others; fix: chmod 600 {path}")
+                           "others", fix=f"chmod 600 {path}")
     parent = os.stat(path.parent)
     if parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
-        raise KeyringError(f"keyring directory {path.parent} is writable by others, who could replace the keyring; "
-                           f"fix: chmod go-w {path.parent}")
+        raise KeyringError(f"keyring directory {path.parent} is writable by others, who could replace the keyring",
+                           fix=f"chmod go-w {path.parent}")
     if st.st_uid != os.geteuid():
         raise KeyringError(f"keyring {path} is owned by uid {st.st_uid}, not by uid {os.geteuid()} that kleidi "
-                           f"runs as; fix: chown {os.geteuid()} {path}")
+                           "runs as", fix=f"chown {os.geteuid()} {path}")
     return st
 
 
@@ -189,7 +194,8 @@ def read_keyring(path: Path) -> tuple[Keyring, os.stat_result]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise KeyringError(f"keyring {path} cannot be read: {exc.strerror}") from None
+        raise KeyringError(f"keyring {path} cannot be read: {exc.strerror}",
+                           fix="let kleidi's user read it (it should own the file, mode 0600)") from None
     return Keyring.from_json(text, path), st
 
 
@@ -229,8 +235,8 @@ def create_keyring(path: Path) -> Keyring:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _locked(path):
         if os.path.lexists(path):
-            raise KeyringError(f"keyring {path} already exists; kleidi never overwrites a keyring; fix: use "
-                               "`kleidi rotate` to add a version, or choose another path")
+            raise KeyringError(f"keyring {path} already exists; kleidi never overwrites a keyring",
+                               fix="use `kleidi rotate` to add a version, or choose another path")
         keyring = Keyring.new()
         _write_atomically(path, keyring.to_json())
     return keyring
@@ -249,6 +255,7 @@ class LocalBackend(Backend):
     """KEK versions from a local keyring file; re-read whenever the file changes."""
 
     kind: ClassVar[str] = "local"
+    retired_fix: ClassVar[str] = RETIRED_FIX
 
     def __init__(self, settings: LocalBackendSettings) -> None:
         self._path = settings.keyring
@@ -274,7 +281,8 @@ class LocalBackend(Backend):
     def _key(self, key: KeyVersion) -> bytes:
         material = self._keys.get(key.version)
         if material is None:
-            raise RetiredKey(f"key_id {key.key_id} (local version {key.version}) has been retired")
+            raise RetiredKey(f"key_id {key.key_id} (local version {key.version}) has been retired",
+                             fix=RETIRED_FIX)
         return material
 
     async def wrap(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:

@@ -59,15 +59,16 @@ def _read_secret(path: Path | None, env: str | None, what: str) -> str:
         try:
             value = path.read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"backend.auth: cannot read the {what} file {path}: {exc.strerror}; fix: check the "
-                              "path and that kleidi's user can read it") from None
+            raise ConfigError(f"backend.auth: cannot read the {what} file {path}: {exc.strerror}",
+                              fix="check the path and that kleidi's user can read it") from None
         if not value:
-            raise ConfigError(f"backend.auth: the {what} file {path} is empty")
+            raise ConfigError(f"backend.auth: the {what} file {path} is empty", fix=f"write the {what} into it")
         return value
     assert env is not None
     value = os.environ.get(env, "").strip()
     if not value:
-        raise ConfigError(f"backend.auth: environment variable {env} (the {what}) is not set or empty")
+        raise ConfigError(f"backend.auth: environment variable {env} (the {what}) is not set or empty",
+                          fix=f"set {env} in kleidi's environment, or give the {what} in a file (the *_file setting)")
     return value
 
 
@@ -187,8 +188,9 @@ def _authenticator(settings: VaultBackendSettings) -> _Authenticator:
     if isinstance(auth, VaultJWTAuth | VaultKubernetesAuth):
         return _JWTAuth(auth)
     if settings.tls.client_cert_file is None:
-        raise ConfigError("backend.auth.method is cert but backend.tls.client_cert_file is not set; fix: set it "
-                          "to the client certificate (and client_key_file, unless the key is in the same file)")
+        raise ConfigError("backend.auth.method is cert but backend.tls.client_cert_file is not set",
+                          fix="set it to the client certificate (and client_key_file, unless the key is in the same "
+                          "file)")
     return _CertAuth(auth)
 
 
@@ -200,8 +202,8 @@ def _ssl_context(settings: VaultBackendSettings) -> ssl.SSLContext:
             context.load_cert_chain(str(tls.client_cert_file),
                                     str(tls.client_key_file) if tls.client_key_file else None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"backend.tls: cannot load the CA or client certificate: {exc}; fix: check ca_file, "
-                          "client_cert_file and client_key_file (PEM)") from None
+        raise ConfigError(f"backend.tls: cannot load the CA or client certificate: {exc}",
+                          fix="check ca_file, client_cert_file and client_key_file (PEM)") from None
     return context
 
 
@@ -443,6 +445,9 @@ class VaultBackend(Backend):
     """Seeds wrapped by a Vault/OpenBao Transit key; Transit key versions are kleidi's KEK versions."""
 
     kind: ClassVar[str] = "vault"
+    retired_fix: ClassVar[str] = (
+        "if the objects stored under it are still needed, lower the Transit key's min_decryption_version "
+        "(vault write <mount>/keys/<key>/config min_decryption_version=N); else delete and re-create them")
 
     def __init__(self, settings: VaultBackendSettings) -> None:
         self.settings = settings
@@ -472,12 +477,12 @@ class VaultBackend(Backend):
             data = _data(await self.client.authed("GET", f"{self._mount}/keys/{self._key}"), "latest_version")
         except VaultError as exc:
             if exc.status == 404:
-                raise BackendUnavailable(f"Transit key {self._mount}/{self._key} does not exist; fix: create it "
-                                         f"(`vault write -f {self._mount}/keys/{self._key}`)") from None
+                raise BackendUnavailable(f"Transit key {self._mount}/{self._key} does not exist",
+                                         fix=f"create it (`vault write -f {self._mount}/keys/{self._key}`)") from None
             raise BackendUnavailable(str(exc)) from None
         if data.get("supports_encryption", True) is not True:
-            raise BackendUnavailable(f"Transit key {self._key} is of type {data.get('type')}, which cannot encrypt; "
-                                     "fix: use an aes256-gcm96 key")
+            raise BackendUnavailable(f"Transit key {self._key} is of type {data.get('type')}, which cannot encrypt",
+                                     fix="use an aes256-gcm96 key")
         key_type = data.get("type")
         self._aead = isinstance(key_type, str) and key_type in AEAD_KEY_TYPES
         if not self._aead and not self._warned_non_aead:
@@ -498,7 +503,7 @@ class VaultBackend(Backend):
             # version re-created with the same number within the same second would even repeat a key_id.
             raise BackendUnavailable(f"Transit key {self._key} went back from version {self._rollback_floor} to "
                                      f"{latest} (restored from a backup?); kleidi will not report an older key_id "
-                                     f"again; fix: rotate the key past version {self._rollback_floor}")
+                                     "again", fix=f"rotate the key past version {self._rollback_floor}")
         self._rollback_floor = 0
         self._created.update(observed)
         self._highest_latest = latest

@@ -73,7 +73,8 @@ class EnvelopeService:
         if key is not None:
             return key
         if key_id in key_set.retired:
-            raise RetiredKey(f"key_id {key_id} has been retired; its ciphertexts can no longer be decrypted")
+            raise RetiredKey(f"key_id {key_id} has been retired; its ciphertexts can no longer be decrypted",
+                             fix=self._keys.backend.retired_fix)
         raise UnknownKey(f"key_id {key_id[:128]} was not produced by this kleidi's {self._keys.backend.kind} "
                          "backend (or names a key version it can no longer use)")
 
@@ -113,7 +114,7 @@ class EnvelopeService:
         if key is None:
             if any(k.version == sealed.key_version for k in key_set.retired.values()):
                 raise RetiredKey(f"KEK version {sealed.key_version} has been retired; its ciphertexts can no "
-                                 "longer be decrypted")
+                                 "longer be decrypted", fix=self._keys.backend.retired_fix)
             raise UnknownKey(f"no KEK version {sealed.key_version} in this kleidi's {self._keys.backend.kind} backend")
         aad = envelope.associated_data(sealed.header(), V1BETA1, key.key_id, {})
         return await self._unwrap(key, sealed.payload, aad)
