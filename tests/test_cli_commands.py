@@ -409,7 +409,17 @@ def test_config_check_says_the_file_is_valid(tmp_path: Path) -> None:
     assert yaml.safe_load(text)["backend"]["keyring"] == str(keyring)
     doc = json.loads(_ok(run_kleidi("config", "check", "--config", str(config), "-o", "json")).stdout)
     assert doc["valid"] is True and doc["source"] == str(config)
-    assert doc["settings"]["backend"]["refresh_interval"] in (90, "1m30s")
+    assert doc["settings"]["backend"]["refresh_interval"] == "1m30s"
+
+
+def test_what_config_check_prints_is_a_config_kleidi_accepts(tmp_path: Path) -> None:
+    """Durations used to be printed as seconds (10.0), which kleidi then refuses: a bare number."""
+    printed = _ok(run_kleidi("config", "check")).stdout
+    again = tmp_path / "printed.yaml"
+    again.write_text(printed)
+    assert _ok(run_kleidi("config", "check", "--config", str(again))).stdout.splitlines()[1:] == \
+        printed.splitlines()[1:]
+    assert "shutdown_timeout: 10s" in printed
 
 
 # -- docs/cli.md covers the CLI -------------------------------------------------------------------

@@ -188,10 +188,10 @@ def test_equal_keys_in_different_sections_and_merge_keys_are_fine(tmp_path):
                                               "server:\n  shutdown_timeout: 3s\n")
     text = config.read_text().replace("x-common: &t {timeout: 1s}\n", "")
     plain = _write(tmp_path / "plain.yaml", text.replace("  <<: *t\n", ""))
-    assert _check(tmp_path, "--config", str(plain))["backend"]["timeout"] == 2.0
+    assert _check(tmp_path, "--config", str(plain))["backend"]["timeout"] == "2s"
     # An explicit key next to a merge key (<<) overrides it: that is not a duplicate.
     merged = _write(tmp_path / "merged.yaml", "backend:\n  <<: {timeout: 1s}\n  timeout: 2s\n")
-    assert _check(tmp_path, "--config", str(merged))["backend"]["timeout"] == 2.0
+    assert _check(tmp_path, "--config", str(merged))["backend"]["timeout"] == "2s"
 
 
 def _pathological(tmp_path: Path, kind: str) -> tuple[Path, str]:
@@ -334,11 +334,11 @@ def test_env_overrides_take_effect(tmp_path):
     assert printed["server"]["socket_mode"] == "0660"
     assert printed["server"]["endpoint"] == "unix:///run/kleidi/env.sock"
     assert printed["server"]["enable_v1beta1"] is True
-    assert printed["backend"]["refresh_interval"] == 2.0
-    assert printed["backend"]["timeout"] == 0.5
+    assert printed["backend"]["refresh_interval"] == "2s"
+    assert printed["backend"]["timeout"] == "500ms"
     assert printed["logging"]["level"] == "debug"
     # Untouched settings keep their defaults.
-    assert printed["backend"]["probe_interval"] == 30.0
+    assert printed["backend"]["probe_interval"] == "30s"
 
 
 def test_precedence_defaults_file_env_flag(tmp_path):
@@ -354,7 +354,7 @@ def test_precedence_defaults_file_env_flag(tmp_path):
     assert keyring("--config", str(config), env=env) == "/from/env.json"
     assert keyring("--config", str(config), "--keyring", "/from/flag.json", env=env) == "/from/flag.json"
     # Layers merge field by field: the file's other settings survive an env override of one field.
-    assert _check(tmp_path, "--config", str(config), env=env)["backend"]["probe_interval"] == 7.0
+    assert _check(tmp_path, "--config", str(config), env=env)["backend"]["probe_interval"] == "7s"
 
 
 def test_config_file_from_env_and_flag(tmp_path):

@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from kleidi.durations import format_duration, parse_duration
 from kleidi.endpoint import parse_endpoint, resolve_gid, resolve_uid
 from kleidi.errors import ConfigError, InvalidValue
 
@@ -54,8 +55,6 @@ MAX_DURATION = 30 * 24 * 3600.0
 
 def _parse_duration(value: Any) -> Any:
     # The one parser of Go durations, shared with every CLI flag; a bare number is refused with its fix.
-    from kleidi.durations import parse_duration
-
     return parse_duration(value, MAX_DURATION)
 
 
@@ -94,9 +93,11 @@ def _safe_socket_mode(mode: int) -> int:
 # and non-standard "gt"/"ge"/"le" keywords.
 Duration = Annotated[float, BeforeValidator(_parse_duration),
                      Field(gt=0, json_schema_extra={"x-kleidi-type": "duration"}),
-                     WithJsonSchema({"anyOf": [
-                         {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DURATION},
-                         {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"}]})]
+                     # Written out (config check, the schema's defaults) as a file must write it.
+                     PlainSerializer(format_duration, return_type=str, when_used="json"),
+                     # A Go duration, as kleidi.durations parses it: a bare number is refused there too.
+                     WithJsonSchema({"type": "string",
+                                     "pattern": r"^\s*\+?((\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h))+\s*$"})]
 FileMode = Annotated[int, BeforeValidator(_parse_mode),
                      PlainSerializer(lambda v: f"{v:04o}", return_type=str),
                      WithJsonSchema({"type": "string", "pattern": r"^\s*(0o)?[0-7]{3,4}\s*$"})]
@@ -1057,6 +1058,11 @@ def _problem(err: Any, at: _Located, where: str) -> Problem:
 
 def json_schema() -> dict[str, Any]:
     schema = KleidiSettings.model_json_schema(mode="validation")
+    # pydantic writes a field's own default as the Python value (5.0): write it as a file would ("5s").
+    for definition in [schema, *schema.get("$defs", {}).values()]:
+        for prop in definition.get("properties", {}).values():
+            if prop.get("x-kleidi-type") == "duration" and isinstance(prop.get("default"), int | float):
+                prop["default"] = format_duration(prop["default"])
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "kleidi configuration"
     return schema

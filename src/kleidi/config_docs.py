@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from kleidi.config import ENV_PREFIX, ENV_SEPARATOR, KleidiSettings, _models
+from kleidi.durations import format_duration
 
 _INTRO = """\
 # Configuration reference
@@ -30,8 +31,9 @@ stops kleidi with a message that names the field and the fix, and a non-zero exi
   `kleidi-metrics` injects `KLEIDI_METRICS_*` variables, which are not ignored. `null` in a variable
   means null for the settings that accept it (`KLEIDI_TELEMETRY__ADDRESS=null` turns the listener
   off); for any other setting it is the string "null". An empty value is an empty string.
-- Durations take a number of seconds or a string with a unit: `500ms`, `5s`, `1m`, `1h`; at most
-  30 days.
+- Durations are Go durations, a number and a unit (`ns`, `us`, `ms`, `s`, `m`, `h`), combined as
+  in `1m30s`: `500ms`, `5s`, `1m`, `1h`; at most 30 days (`720h`). A bare number (`5`) is refused
+  with the fix `write it with a unit, e.g. 3s`, as kube-apiserver refuses one in its own config.
 - File modes are quoted octal strings: `"0600"`, `"0660"` (also `"600"`, `"0o600"`). An unquoted
   number is refused with the fix `quote it: "0600"`: YAML reads `0600` as 384 and `600` as decimal
   600 (which used to become mode 0o1130), and once parsed the two cannot be told apart.
@@ -73,6 +75,9 @@ def _default(path: tuple[str, ...], info: FieldInfo) -> str:
         return "(section)"
     if path[-1] == "socket_mode" and isinstance(value, int):
         return f"`\"{value:04o}\"`"
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if extra.get("x-kleidi-type") == "duration" and isinstance(value, int | float):
+        return f"`{json.dumps(format_duration(value))}`"
     return f"`{json.dumps(value, default=str)}`"
 
 
