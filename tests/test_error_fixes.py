@@ -181,3 +181,36 @@ def test_one_mistake_in_a_file_is_rendered_with_its_fix(tmp_path: Path, text: st
     assert caught.value.fix == fix
     assert str(caught.value).endswith(f"; fix: {fix}")
     assert len(caught.value.problems) == 1 and caught.value.problems[0].fix == fix
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+
+def _entry_points(*values: tuple[str, str]) -> Any:
+    from importlib.metadata import EntryPoint
+
+    return lambda group: [EntryPoint(name, value, group) for name, value in values]
+
+
+def test_two_backends_with_one_name_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kleidi import registry
+    from kleidi.errors import ConfigError
+
+    monkeypatch.setattr(registry, "entry_points", _entry_points(
+        ("local", "kleidi.backends.local:LocalBackend"), ("local", "other_package.backend:Impostor")))
+    with pytest.raises(ConfigError) as caught:
+        registry.backend_class("local")
+    assert "two installed backends are named 'local'" in caught.value.message
+    assert "other_package.backend:Impostor" in caught.value.message and caught.value.fix
+
+
+def test_an_entry_point_that_is_not_a_backend_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kleidi import registry
+    from kleidi.errors import ConfigError
+
+    monkeypatch.setattr(registry, "entry_points", _entry_points(("odd", "kleidi.config:KleidiSettings")))
+    with pytest.raises(ConfigError) as caught:
+        registry.backend_class("odd")
+    assert "is not a kleidi Backend class" in caught.value.message and caught.value.fix
+    monkeypatch.setattr(registry, "entry_points", _entry_points(("local", "kleidi.backends.local:LocalBackend")))
+    assert registry.backend_class("local").__name__ == "LocalBackend"

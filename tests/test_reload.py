@@ -124,3 +124,51 @@ def test_a_call_in_flight_survives_a_backend_swap(short_dir: Path, kleidi_factor
         assert future.result().plaintext == seed
     finally:
         assert proc.stop() == 0
+
+
+def test_a_sighup_during_a_file_triggered_reload_waits_for_it(short_dir: Path) -> None:
+    """SIGHUP and the file watcher each call reload_config; two at once could apply two backends in
+    either order. In-process: the second reload must start only after the first has finished."""
+    import asyncio
+
+    from kleidi.config import load_settings
+    from kleidi.server import Server
+
+    keyrings = []
+    for name in ("a", "b", "c"):
+        keyrings.append(short_dir / f"{name}.json")
+        keygen(keyrings[-1])
+    versions = iter(keyrings[1:])
+
+    def next_settings() -> Any:
+        return load_settings(overrides={"backend.keyring": str(next(versions)),
+                                        "server.endpoint": f"unix://{short_dir}/unused.sock"}, environ={})
+
+    first = load_settings(overrides={"backend.keyring": str(keyrings[0]),
+                                     "server.endpoint": f"unix://{short_dir}/unused.sock"}, environ={})
+    server = Server(first, reload_settings=next_settings)
+    running, most, applied = 0, 0, []
+    tried = server._tried_backend
+
+    async def slow_tried_backend(settings: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.3)  # a slow new backend: the window in which a second reload used to start
+            result = await tried(settings)
+            applied.append(settings.backend.keyring)
+            return result
+        finally:
+            running -= 1
+
+    server._tried_backend = slow_tried_backend  # type: ignore[method-assign]
+
+    async def scenario() -> list[bool]:
+        outcomes = await asyncio.gather(server.reload_config(), server.reload_config())
+        await server.backend.close()
+        return list(outcomes)
+
+    assert asyncio.run(scenario()) == [True, True]
+    assert most == 1, "two reloads ran at once"
+    assert applied == keyrings[1:] and server.settings.backend.keyring == keyrings[2]

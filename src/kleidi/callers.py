@@ -51,6 +51,7 @@ from kleidi import audit, endpoint, telemetry
 from kleidi.endpoint import Endpoint, resolve_gid, resolve_uid
 from kleidi.errors import ConfigError
 from kleidi.runtime import GRPC_SOCKET, PrivateDirectory
+from kleidi.tasks import TaskSet
 
 log = logging.getLogger("kleidi.callers")
 
@@ -438,7 +439,7 @@ class SocketGate:
         self._starved = False
         self._pairs: set[_Pair] = set()
         self._refused: set[_Refusal] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._callers: dict[str, PeerCredentials] = {}  # relay's peer address ("unix:<path>") -> caller
         self._refusals = _RefusalReporter(policy, self.limits.report_interval)
         self._count = 0
@@ -556,9 +557,7 @@ class SocketGate:
             self._spawn(self._refuse(conn, refusal))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     async def _refuse(self, conn: socket.socket, refusal: _Refusal) -> None:
         try:
@@ -637,7 +636,7 @@ class SocketGate:
     async def close(self) -> None:
         """Close every connection, the public socket and the private directory."""
         self.close_listener()
-        for task in list(self._tasks):
+        for task in self._tasks:
             task.cancel()
         for pair in list(self._pairs):
             pair.abort()

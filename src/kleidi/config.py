@@ -45,8 +45,6 @@ ENV_PREFIX = "KLEIDI_"
 ENV_CONFIG_FILE = "KLEIDI_CONFIG"
 ENV_SEPARATOR = "__"
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 MAX_DURATION = 30 * 24 * 3600.0

@@ -4,7 +4,7 @@
 
     KleidiError
     ├── ConfigError            bad or missing configuration; start-up stops with the field and the fix
-    ├── InvalidValue           (also a ValueError) one setting's value refused by a settings validator;
+    │   └── InvalidValue       (also a ValueError) one setting's value refused by a settings validator;
     │                          pydantic keeps it, and the ConfigError built from it keeps its fix
     ├── InvalidRequest         the caller sent something kleidi refuses (gRPC INVALID_ARGUMENT)
     ├── CallerRefused          the call did not come through the checked public socket (PERMISSION_DENIED)
@@ -42,7 +42,7 @@ class ConfigError(KleidiError):
     """The configuration is invalid; the message names the field and the fix."""
 
 
-class InvalidValue(KleidiError, ValueError):
+class InvalidValue(ConfigError, ValueError):
     """A value a settings validator refuses, with the fix as a field.
 
     A ValueError, so that pydantic reports it as the field's error (and keeps the instance in the

@@ -50,12 +50,20 @@ def backend_class(kind: str) -> Callable[[Any], Backend]:
         raise ConfigError(f"backend.kind: no backend named {kind!r} is installed; installed: "
                           f"{', '.join(sorted(available())) or 'none'}",
                           fix=f"set backend.kind to one of: {', '.join(sorted(available())) or 'none'}")
+    sources = sorted({ep.value for ep in matches})
+    if len(sources) > 1:  # two distributions claim one name: which one runs must not depend on install order
+        raise ConfigError(f"backend.kind: two installed backends are named {kind!r}: {', '.join(sources)}",
+                          fix="uninstall the package that should not provide it (pip show, pip uninstall)")
     try:
-        cls: Callable[[Any], Backend] = matches[0].load()
+        loaded = matches[0].load()
     except ImportError as exc:
         if (exc.name or "kleidi").partition(".")[0] == "kleidi":
             raise
         raise missing_extra(kind, exc.name) from None
+    if not (isinstance(loaded, type) and issubclass(loaded, Backend)):
+        raise ConfigError(f"backend.kind: the entry point {kind!r} ({sources[0]}) is not a kleidi Backend class",
+                          fix="fix or uninstall the package that provides it")
+    cls: Callable[[Any], Backend] = loaded
     return cls
 
 

@@ -24,6 +24,7 @@ from kleidi.registry import create_backend
 from kleidi.service.core import EnvelopeService
 from kleidi.service.grpc_api import KMSv1beta1Servicer, KMSv2Servicer
 from kleidi.service.keys import KeyManager, round_trip
+from kleidi.tasks import TaskSet
 
 log = logging.getLogger("kleidi.server")
 
@@ -49,6 +50,8 @@ class Server:
         b = settings.backend
         self.keys = KeyManager(self.backend, b.refresh_interval, b.probe_interval, call_timeout=b.timeout)
         self._stop = asyncio.Event()
+        self._background = TaskSet()  # SIGHUP reloads, closing a swapped-out backend, a second signal's stop
+        self._reloading = asyncio.Lock()  # SIGHUP and the file watcher never apply two configs at once
         self._inode: int | None = None
         self.gate: SocketGate | None = None
 
@@ -57,11 +60,16 @@ class Server:
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration (if kleidi has a file to re-read) and the keys."""
-        self._reload_task = asyncio.ensure_future(self.reload_config())
+        self._background.spawn(self.reload_config())
 
     async def reload_config(self) -> bool:
         """Apply a new configuration without dropping calls; refuse it, keeping the running one, if it
-        is invalid or its backend does not work. Returns whether it was applied."""
+        is invalid or its backend does not work. Returns whether it was applied. One at a time: a
+        SIGHUP during a file-triggered reload waits for it, then reads the file again."""
+        async with self._reloading:
+            return await self._reload_config()
+
+    async def _reload_config(self) -> bool:
         self.keys.trigger()
         if self._reload_settings is None:
             log.info("SIGHUP: re-reading keys")
@@ -91,7 +99,7 @@ class Server:
             self.keys.swap_backend(backend, key_set, b.refresh_interval, b.probe_interval, b.timeout)
             # Calls already inside the old backend finish with it; close it once they cannot be running.
             asyncio.get_running_loop().call_later(self.settings.server.shutdown_timeout + b.timeout,
-                                                  lambda: asyncio.ensure_future(old.close()))
+                                                  lambda: self._background.spawn(old.close()))
         if new.logging != self.settings.logging:
             logs.configure(new.logging.level, new.logging.format)
         if fixed:
@@ -293,8 +301,8 @@ class Server:
             log.info("shutting down: finishing in-flight calls (up to %.1fs)", grace)
             if install_signal_handlers:
                 # A second signal ends the wait for in-flight calls at once.
-                loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.stop(0)))
-                loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.stop(0)))
+                loop.add_signal_handler(signal.SIGTERM, lambda: self._background.spawn(server.stop(0)))
+                loop.add_signal_handler(signal.SIGINT, lambda: self._background.spawn(server.stop(0)))
             if self.gate is not None:
                 self.gate.close_listener()
             await server.stop(grace)

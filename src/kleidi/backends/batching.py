@@ -17,6 +17,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from kleidi.tasks import TaskSet
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -31,7 +33,7 @@ class Coalescer(Generic[Item, Result]):
         self.max_batch = max_batch
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     async def submit(self, item: Item) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -46,9 +48,7 @@ class Coalescer(Generic[Item, Result]):
             if not batch:
                 continue
             self._in_flight += 1
-            task = asyncio.create_task(self._run(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._run(batch))
 
     async def _run(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:

@@ -72,8 +72,9 @@ def _read_secret(path: Path | None, env: str | None, what: str) -> str:
     return value
 
 
-class VaultError(KleidiError):
-    """A non-2xx answer. ``errors`` are Vault's own messages, truncated."""
+class VaultError(BackendUnavailable):
+    """A non-2xx answer. ``errors`` are Vault's own messages, truncated. One that escapes the
+    backend is an outage for the caller (UNAVAILABLE): the mapping to a precise error happens here."""
 
     def __init__(self, status: int, errors: list[str]) -> None:
         self.status = status
@@ -97,8 +98,11 @@ class _Token:
         return self.lease > 0 and self.remaining() < self.lease / 3
 
 
-_DENIED = BackendUnavailable("Vault denied the request (permission denied): check kleidi's policy "
-                             "(`kleidi policy vault`) and its auth role")
+def _denied() -> BackendUnavailable:
+    # A new instance at each raise: a shared one would carry every earlier raise's traceback (and
+    # the frames, with their requests and seeds, it keeps alive).
+    return BackendUnavailable("Vault denied the request (permission denied)",
+                              fix="check kleidi's policy (`kleidi policy vault`) and its auth role")
 
 
 class _Authenticator(ABC):
@@ -350,7 +354,7 @@ class _VaultHTTP:
             if exc.status != 403:
                 raise
         if await self._token_still_valid(token):
-            raise _DENIED from None  # the policy says no: logging in again would not change that
+            raise _denied() from None  # the policy says no: logging in again would not change that
         if self.auth.can_login_again and self._token is token:
             self._token = None  # refused: do not renew it, log in again (once, however many requests saw it)
         token = await self._fresh_token()
@@ -358,7 +362,7 @@ class _VaultHTTP:
             return await self.call(method, path, json=json, token=token.value)
         except VaultError as exc:
             if exc.status == 403:
-                raise _DENIED from None
+                raise _denied() from None
             raise
 
     async def _token_still_valid(self, token: _Token) -> bool:
@@ -591,7 +595,7 @@ class VaultBackend(Backend):
         text = " ".join(exc.errors).lower()
         if exc.status == 400 and "disallowed by policy" in text:
             return RetiredKey(f"key_id {key.key_id} has been retired: Transit key version {key.version} is below "
-                              "the key's min_decryption_version")
+                              "the key's min_decryption_version", fix=VaultBackend.retired_fix)
         if exc.status == 400 and "not found" in text:
             return BackendUnavailable(f"Transit decrypt failed: {exc}")
         if exc.status == 400:
