@@ -54,7 +54,8 @@ def test_exit_codes_of_every_command(tmp_path: Path, short_dir: Path, kleidi_fac
     vault = _vault_config(tmp_path / "vault.yaml")
     proc = kleidi_factory(settings={"audit": {"path": str(short_dir / "audit.jsonl")}})
     cases: list[tuple[int, list[str]]] = [
-        (0, ["--help"]), (0, ["--version"]), (0, ["version"]), (2, ["no-such-command"]), (2, ["--no-such-flag"]),
+        (0, ["--help"]), (0, ["--version"]), (0, ["version"]), (0, ["backends"]),
+        (2, ["no-such-command"]), (2, ["--no-such-flag"]),
         (0, ["keygen", "--keyring", str(keyring)]),
         (2, ["keygen", "--keyring", str(keyring)]),  # never onto an existing file
         (0, ["rotate", "--keyring", str(keyring)]),
@@ -108,6 +109,7 @@ def test_every_machine_readable_command_takes_output_json(tmp_path: Path, short_
         "doctor": ["doctor", "--config", str(proc.config_path)],
         "config check": ["config", "check", "--config", str(proc.config_path)],
         "audit verify": ["audit", "verify", "--allow-open", str(short_dir / "audit.jsonl")],
+        "backends": ["backends"],
     }
     for name, args in commands.items():
         as_json = _ok(run_kleidi(*args, "--output", "json"))

@@ -103,3 +103,17 @@ def test_the_local_backend_needs_no_extra(without_aiohttp: dict[str, str], tmp_p
     assert run_kleidi("keygen", "--keyring", str(keyring), env=without_aiohttp).returncode == 0
     check = run_kleidi("config", "check", "--keyring", str(keyring), env=without_aiohttp)
     assert check.returncode == 0, check.stderr
+
+
+def test_backends_lists_each_backend_and_the_extra_it_lacks(without_aiohttp: dict[str, str]) -> None:
+    listed = {row["name"]: row for row in json.loads(
+        run_kleidi("backends", "--output", "json", env=without_aiohttp).stdout)}
+    assert listed["local"]["usable"] is True and listed["local"]["fix"] is None
+    assert listed["vault"] == {"name": "vault", "source": "kleidi.backends.vault:VaultBackend", "usable": False,
+                               "problem": PROBLEM, "fix": WORDING.removeprefix("fix: ")}
+    table = run_kleidi("backends", env=without_aiohttp)
+    assert table.returncode == 0
+    row = next(line for line in table.stdout.splitlines() if "vault" in line)
+    assert "no" in row and WORDING.removeprefix("fix: ") in row  # kleidi[vault] survives rich
+    with_extra = {row["name"]: row["usable"] for row in json.loads(run_kleidi("backends", "-o", "json").stdout)}
+    assert with_extra == {"local": True, "vault": True}

@@ -460,6 +460,20 @@ def encryption_config(name: str, endpoint: str | None, config_file: Path | None,
     click.echo(ec.render(config), nl=False)
 
 
+@main.command("backends")
+@output_option
+def backends_command(output: str) -> None:
+    """List the installed backends and whether each can be used here (its optional dependencies)."""
+    from kleidi.registry import backend_status
+
+    rows = backend_status()
+    if output == "json":
+        click.echo(json.dumps([row._asdict() for row in rows], indent=2))
+        return
+    _print_table("kleidi backends", ("backend", "usable", "provided by", "fix"),
+                 [(row.name, row.usable, row.source, row.fix) for row in rows])
+
+
 @main.command()
 def version() -> None:
     """Print kleidi's version and the KMS API versions it serves."""

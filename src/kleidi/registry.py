@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from kleidi import __version__
 from kleidi.backends.base import Backend
@@ -65,6 +65,28 @@ def backend_class(kind: str) -> Callable[[Any], Backend]:
                           fix="fix or uninstall the package that provides it")
     cls: Callable[[Any], Backend] = loaded
     return cls
+
+
+class BackendStatus(NamedTuple):
+    name: str
+    source: str
+    """The entry point's ``module:Class``."""
+    usable: bool
+    problem: str | None
+    fix: str | None
+
+
+def backend_status() -> list[BackendStatus]:
+    """Every installed backend, by name, with whether it loads here and, if not, why and the fix."""
+    out = []
+    for name, source in sorted(available().items()):
+        try:
+            backend_class(name)
+        except ConfigError as exc:
+            out.append(BackendStatus(name, source, False, exc.message, exc.fix))
+        else:
+            out.append(BackendStatus(name, source, True, None, None))
+    return out
 
 
 def create_backend(settings: Any) -> Backend:
