@@ -18,6 +18,8 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from kleidi import config
+from kleidi.backends.local import LocalBackendSettings
+from kleidi.backends.vault import VaultBackendSettings, VaultTLSSettings
 
 SRC = Path(__file__).parents[1] / "src" / "kleidi"
 
@@ -86,10 +88,10 @@ def _sections() -> Iterator[tuple[str, type[BaseModel], Build]]:
         model = config.KleidiSettings.model_fields[name].annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
         yield name, model, lambda field, value, name=name: {name: {field: value}}
-    yield "backend", config.LocalBackendSettings, lambda f, v: {"backend": {"kind": "local", f: v}}
-    yield "backend", config.VaultBackendSettings, lambda f, v: {"backend": {**VAULT, f: v}}
-    yield "backend.tls", config.VaultTLSSettings, lambda f, v: {"backend": {**VAULT, "tls": {f: v}}}
-    for model in config._models(config.VaultBackendSettings.model_fields["auth"].annotation):
+    yield "backend", LocalBackendSettings, lambda f, v: {"backend": {"kind": "local", f: v}}
+    yield "backend", VaultBackendSettings, lambda f, v: {"backend": {**VAULT, f: v}}
+    yield "backend.tls", VaultTLSSettings, lambda f, v: {"backend": {**VAULT, "tls": {f: v}}}
+    for model in config._models(VaultBackendSettings.model_fields["auth"].annotation):
         method = str(config._tag(model))
         yield "backend.auth", model, lambda f, v, m=method: {
             "backend": {**VAULT, "auth": {"method": m, **AUTH_REQUIRED[m], f: v}}}
@@ -153,7 +155,7 @@ def test_a_typo_suggests_only_fields_of_the_chosen_backend() -> None:
     """Issue #11 item 13: `keyfile:` under kind local suggested `backend.key`, a Vault-only field."""
     (typo,) = _rendered({"backend": {"kind": "local", "keyfile": "/etc/kleidi/keyring.json"}})
     assert typo.where == "backend.keyfile"
-    vault_only = set(config.VaultBackendSettings.model_fields) - set(config.LocalBackendSettings.model_fields)
+    vault_only = set(VaultBackendSettings.model_fields) - set(LocalBackendSettings.model_fields)
     suggested = set(re.findall(r"[a-z_]+", typo.fix.partition("(")[2]))
     assert not suggested & vault_only, typo
     assert "keyring" in suggested, typo

@@ -24,8 +24,8 @@ import pytest
 
 import kleidi
 from kleidi.backends.base import Backend
-from kleidi.backends.local import LocalBackend, create_keyring, edit_keyring
-from kleidi.config import LocalBackendSettings, VaultBackendSettings
+from kleidi.backends.local import LocalBackend, LocalBackendSettings, create_keyring, edit_keyring
+from kleidi.backends.vault import VaultBackendSettings
 from kleidi.errors import BackendUnavailable, DecryptionFailed, KleidiError, RetiredKey
 from kleidi.service.grpc_api import grpc_code
 from tests.vault import kleidi_vault

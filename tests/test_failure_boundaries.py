@@ -30,8 +30,8 @@ from kleidi import audit, telemetry
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from kleidi.backends.base import KeySet, KeyVersion
-from kleidi.backends.local import LocalBackend
-from kleidi.config import LocalBackendSettings, load_settings
+from kleidi.backends.local import LocalBackend, LocalBackendSettings
+from kleidi.config import load_settings
 from kleidi.server import Server
 from tests.conftest import keygen, wait_for
 from tests.support import free_port

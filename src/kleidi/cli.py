@@ -16,17 +16,24 @@ value in full. No command accepts a secret as an argument.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from kleidi import __version__
+from kleidi.cli_support import (
+    Duration,
+    DurationType,
+    config_option,
+    config_options,
+    load,
+    output_option,
+    print_table,
+)
 from kleidi.errors import ConfigError, KeyringError, KleidiError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,81 +81,6 @@ class _Group(click.Group):
             _fail(exc.message, exc.fix, EXIT_FAILED)
 
 
-# -- shared options and values --------------------------------------------------------------------
-
-
-def config_options(func: F) -> F:
-    """--config and --keyring, shared by every command that reads the settings."""
-
-    @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-                  envvar="KLEIDI_CONFIG", help="YAML config file (env KLEIDI_CONFIG).")
-    @click.option("--keyring", type=click.Path(dir_okay=False, path_type=Path),
-                  help="Local backend keyring file (overrides backend.keyring).")
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def config_option(func: F) -> F:
-    """--config alone, for commands that read settings but never a keyring."""
-    return click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-                        envvar="KLEIDI_CONFIG", help="YAML config file (env KLEIDI_CONFIG).")(func)
-
-
-def output_option(func: F) -> F:
-    """The one switch between human and machine output, on every command that has both."""
-    return click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True,
-                        help="text for people; json for scripts (every field, in full).")(func)
-
-
-class Duration(NamedTuple):
-    text: str
-    seconds: float
-
-
-class DurationType(click.ParamType):  # type: ignore[type-arg]  # generic only from click 8.2 on
-    """A Go duration (3s, 500ms, 1m30s), parsed by the same parser as the config's durations."""
-
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Duration:
-        from kleidi.durations import DurationError, parse_duration
-
-        if isinstance(value, Duration):
-            return value
-        try:
-            seconds = parse_duration(str(value))
-        except DurationError as exc:
-            self.fail(f"{exc.message}; fix: {exc.fix}", param, ctx)
-        if seconds <= 0:
-            self.fail(f"{value!r} is not positive; fix: use e.g. 3s", param, ctx)
-        return Duration(str(value).strip(), seconds)
-
-
-class KeyVersionType(click.ParamType):  # type: ignore[type-arg]
-    """A KEK version as ``kleidi keys`` and every key_id print it (``v2``), or as a number (``2``)."""
-
-    name = "version"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip()
-        digits = text[1:] if text[:1] in ("v", "V") else text
-        if not digits.isascii() or not digits.isdigit() or int(digits) < 1:
-            self.fail(f"{text!r} is not a key version; fix: write it as `kleidi keys` shows it, e.g. v2 (or 2)",
-                      param, ctx)
-        return int(digits)
-
-
-def _settings(config_file: Path | None, **overrides: Any) -> Any:
-    from kleidi.config import load_settings
-
-    return load_settings(config_file, overrides)
-
-
 def _endpoint(value: str, flag: str = "--endpoint") -> str:
     """An endpoint as the apiserver writes it; a plain socket path (or @name) is taken as unix://."""
     from kleidi.endpoint import check_endpoint_flag
@@ -164,36 +96,7 @@ def _configured_endpoint(endpoint: str | None, config_file: Path | None) -> str:
     """--endpoint if given, else server.endpoint of the settings (--config, the environment, defaults)."""
     if endpoint is not None:
         return _endpoint(endpoint)
-    return _endpoint(_settings(config_file).server.endpoint, "server.endpoint")
-
-
-def _human(value: Any) -> str:
-    """A value as people read it: never Python's None, True or []."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, list | tuple):
-        return ", ".join(_human(v) for v in value) or "none"
-    return str(value)
-
-
-def _print_table(title: str, columns: Sequence[str], rows: Iterator[Sequence[Any]] | Sequence[Sequence[Any]]) -> None:
-    """A rich table whose cells are never read as markup ("kleidi[vault]" stays as it is) and never
-    cut: on a terminal long values fold; through a pipe every value is printed whole, since people
-    copy key_ids and fixes from there."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title=Text(title), title_justify="left")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(Text(_human(value)) for value in row))
-    tty = sys.stdout.isatty()
-    console = Console(width=None if tty else 10_000, soft_wrap=not tty, highlight=False)
-    console.print(table)
+    return _endpoint(load(config_file).server.endpoint, "server.endpoint")
 
 
 # -- the command group ----------------------------------------------------------------------------
@@ -230,179 +133,9 @@ def serve(config_file: Path | None, keyring: Path | None, endpoint: str | None, 
     overrides = {"server.endpoint": endpoint, "server.enable_v1beta1": enable_v1beta1,
                  "backend.keyring": keyring, "backend.create_if_missing": create_keyring,
                  "logging.level": log_level, "logging.format": log_format}
-    settings = _settings(config_file, **overrides)
+    settings = load(config_file, **overrides)
     logs.configure(settings.logging.level, settings.logging.format)
-    started = False
-
-    def on_started() -> None:
-        nonlocal started
-        started = True
-
-    with _created_keyring_removed_unless(lambda: started, settings.backend):
-        server.serve(settings, reload_settings=lambda: _settings(config_file, **overrides), watch=config_file,
-                     on_started=on_started)
-
-
-class _Undo(NamedTuple):
-    keyring: Path
-    lock: Path | None
-    directories: list[Path]
-
-
-def _created_keyring_removed_unless(started: Callable[[], bool], backend: Any) -> Any:
-    """A context in which a keyring that kleidi creates (backend.create_if_missing) is removed again,
-    with the directories and lock file made for it, if start-up fails: a failed first try must
-    leave nothing behind that a second try would silently reuse."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def context() -> Iterator[None]:
-        undo = _what_creating_makes(backend)
-        try:
-            yield
-        except BaseException:
-            if undo is not None and not started():
-                _undo_creation(undo)
-            raise
-
-    return context()
-
-
-def _what_creating_makes(backend: Any) -> _Undo | None:
-    if backend.kind != "local" or not backend.create_if_missing or os.path.lexists(backend.keyring):
-        return None
-    path: Path = backend.keyring
-    lock = path.with_name(f".{path.name}.lock")
-    missing = []
-    for parent in path.parents:
-        if os.path.lexists(parent):
-            break
-        missing.append(parent)
-    return _Undo(path, None if os.path.lexists(lock) else lock, missing)
-
-
-def _undo_creation(undo: _Undo) -> None:
-    import contextlib
-
-    from kleidi.backends.local import read_keyring
-
-    try:
-        ring, _ = read_keyring(undo.keyring)
-    except (KleidiError, OSError):
-        return  # not created (or not a keyring kleidi would recognise): leave it alone
-    if list(ring.versions) != [1]:
-        return  # something rotated it meanwhile: it is no longer only what this run made
-    for path in (undo.keyring, undo.lock):
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    for directory in undo.directories:  # deepest first
-        with contextlib.suppress(OSError):
-            directory.rmdir()
-    click.echo(f"kleidi: start-up failed: removed the keyring {undo.keyring} that --create-keyring had just made",
-               err=True)
-
-
-# -- the local keyring ----------------------------------------------------------------------------
-
-
-def _vault_lifecycle(command: str, backend: Any, version: int | None) -> str:
-    """What to run in Vault/OpenBao instead of a local-keyring command (moves to the vault backend later)."""
-    namespace = f" -namespace={backend.namespace}" if backend.namespace else ""
-    key = f"{backend.transit_mount}/keys/{backend.key}"
-    cli = "vault (or bao for OpenBao)"
-    if command == "rotate":
-        return (f"rotate the Transit key with {cli}: vault write{namespace} -f {key}/rotate; running kleidi servers "
-                "pick up the new version within backend.refresh_interval")
-    if command == "retire":
-        floor = (version or 1) + 1
-        return (f"raise the Transit key's min_decryption_version with {cli}: vault write{namespace} {key}/config "
-                f"min_decryption_version={floor} (versions below {floor} stop decrypting)")
-    if command == "keygen":
-        return f"create the Transit key with {cli}: vault write{namespace} -f {key}"
-    return (f"list the Transit key's versions with {cli}: vault read{namespace} {key}; `kleidi status --config ...` "
-            "shows the key_id in use")
-
-
-_LIFECYCLE_ELSEWHERE: dict[str, Callable[[str, Any, int | None], str]] = {"vault": _vault_lifecycle}
-
-
-def _local_keyring_path(config_file: Path | None, keyring: Path | None, command: str,
-                        version: int | None = None) -> Path:
-    settings = _settings(config_file, **{"backend.keyring": keyring})
-    backend = settings.backend
-    if backend.kind != "local":
-        elsewhere = _LIFECYCLE_ELSEWHERE.get(backend.kind)
-        raise ConfigError(f"`kleidi {command}` manages the local backend's keyring; this config's backend is "
-                          f"{backend.kind}", fix=elsewhere(command, backend, version) if elsewhere else
-                          f"manage the keys with the {backend.kind} backend's own tools")
-    path: Path = backend.keyring
-    return path
-
-
-@main.command()
-@config_options
-def keygen(config_file: Path | None, keyring: Path | None) -> None:
-    """Create a new local keyring (mode 0600) with one KEK version."""
-    from kleidi.backends.local import create_keyring
-
-    path = _local_keyring_path(config_file, keyring, "keygen")
-    created = create_keyring(path)
-    click.echo(f"created keyring {path}\ncurrent version {created.current}, key_id {created.key_id(created.current)}"
-               "\nBack this file up: without it nothing encrypted with it can be read.")
-
-
-@main.command()
-@config_options
-def rotate(config_file: Path | None, keyring: Path | None) -> None:
-    """Add a new KEK version to the local keyring and make it current."""
-    from kleidi.backends.local import edit_keyring
-
-    path = _local_keyring_path(config_file, keyring, "rotate")
-    with edit_keyring(path) as ring:
-        entry = ring.rotate()
-    click.echo(f"rotated {path}: version {entry.version} is current, key_id {ring.key_id(entry.version)}\n"
-               "Running servers pick it up within backend.refresh_interval (or at once on SIGHUP); older versions "
-               "keep decrypting until you retire them.")
-
-
-@main.command()
-@config_options
-@click.argument("version", type=KeyVersionType())
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def retire(config_file: Path | None, keyring: Path | None, version: int, yes: bool) -> None:
-    """Destroy the key material of an old KEK VERSION (v1 or 1, as `kleidi keys` shows it). Ciphertexts
-    wrapped with it stop decrypting."""
-    from kleidi.backends.local import edit_keyring
-
-    path = _local_keyring_path(config_file, keyring, "retire", version)
-    if not yes:
-        if not sys.stdin.isatty():
-            raise click.UsageError("retiring destroys a key; pass --yes to confirm when not at a terminal")
-        click.confirm(f"Destroy version {version} of {path}? Data still encrypted with it becomes unreadable",
-                      abort=True)
-    with edit_keyring(path) as ring:
-        ring.retire(version)
-    click.echo(f"retired version {version} of {path} (key_id {ring.key_id(version)})")
-
-
-@main.command()
-@config_options
-@output_option
-def keys(config_file: Path | None, keyring: Path | None, output: str) -> None:
-    """List the local keyring's versions and their key_ids (no key material)."""
-    from kleidi.backends.local import read_keyring
-
-    path = _local_keyring_path(config_file, keyring, "keys")
-    ring, _ = read_keyring(path)
-    rows = [{"version": v, "key_id": ring.key_id(v), "state": e.state, "current": v == ring.current,
-             "created": e.created, "retired": e.retired} for v, e in sorted(ring.versions.items())]
-    if output == "json":
-        click.echo(json.dumps({"keyring": str(path), "keyring_id": ring.keyring_id, "versions": rows}, indent=2))
-        return
-    _print_table(f"keyring {path}", ("version", "state", "current", "created", "retired", "key_id"),
-                 [(f"v{row['version']}", row["state"], "current" if row["current"] else "", row["created"],
-                   row["retired"], row["key_id"]) for row in rows])
+    server.serve(settings, reload_settings=lambda: load(config_file, **overrides), watch=config_file)
 
 
 # -- talking to a running kleidi ------------------------------------------------------------------
@@ -470,7 +203,7 @@ def backends_command(output: str) -> None:
     if output == "json":
         click.echo(json.dumps([row._asdict() for row in rows], indent=2))
         return
-    _print_table("kleidi backends", ("backend", "usable", "provided by", "fix"),
+    print_table("kleidi backends", ("backend", "usable", "provided by", "fix"),
                  [(row.name, row.usable, row.source, row.fix) for row in rows])
 
 
@@ -499,7 +232,7 @@ def doctor(config_file: Path | None, encryption_config: Path | None, output: str
     if output == "json":
         click.echo(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
     else:
-        _print_table("kleidi doctor", ("check", "result", "detail", "fix"),
+        print_table("kleidi doctor", ("check", "result", "detail", "fix"),
                      [(c.name, c.result, c.detail, c.fix) for c in checks])
     if failed:
         sys.exit(EXIT_FAILED)
@@ -550,19 +283,23 @@ def policy() -> None:
     """Print the least-privilege policy a backend needs."""
 
 
-@policy.command("vault")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="KLEIDI_CONFIG",
-              help="YAML config file with a vault backend (env KLEIDI_CONFIG).")
-def policy_vault(config_file: Path | None) -> None:
-    """The Vault/OpenBao policy for the configured Transit mount and key (HCL)."""
-    from kleidi.registry import import_backend_module
+# -- the backends' own commands --------------------------------------------------------------------
 
-    settings = _settings(config_file)
-    if settings.backend.kind != "vault":
-        raise ConfigError(f"backend.kind is {settings.backend.kind!r}; `kleidi policy vault` needs a vault backend",
-                          fix="pass a config whose backend is kind: vault (--config)")
-    vault = import_backend_module("vault", "kleidi.backends.vault")
-    click.echo(vault.policy(settings.backend), nl=False)
+
+def _add_backend_commands() -> None:
+    """Each installed backend adds its commands (the local keyring's lifecycle, ``policy vault``)."""
+    from kleidi.registry import available, registered_class
+
+    for kind in sorted(available()):
+        try:
+            cls = registered_class(kind)
+        except KleidiError:
+            continue  # `kleidi backends` says what is wrong with it
+        for group, command in cls.cli_commands():
+            command.short_help = command.short_help or _first_sentence(command.help or "")  # uncut, as ours
+            target = main if not group else main.commands[group]
+            assert isinstance(target, click.Group), group
+            target.add_command(command)
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -599,7 +336,7 @@ def config_check(config_file: Path | None, keyring: Path | None, output: str) ->
 
     from kleidi.registry import backend_class
 
-    settings = _settings(config_file, **{"backend.keyring": keyring})
+    settings = load(config_file, **{"backend.keyring": keyring})
     backend_class(settings.backend.kind)  # a config whose backend cannot even be imported cannot run
     source = str(config_file) if config_file is not None else "the defaults and environment"
     dumped = settings.model_dump(mode="json")
@@ -609,3 +346,6 @@ def config_check(config_file: Path | None, keyring: Path | None, output: str) ->
     # A comment, so that the output stays YAML.
     click.echo(f"# {source} is valid; the settings kleidi would use:")
     click.echo(yaml.safe_dump(dumped, sort_keys=False), nl=False)
+
+
+_add_backend_commands()

@@ -23,23 +23,31 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    PlainSerializer,
     ValidationError,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from kleidi.durations import format_duration, parse_duration
+from kleidi import registry
+from kleidi.durations import format_duration
 from kleidi.endpoint import parse_endpoint, resolve_gid, resolve_uid
 from kleidi.errors import ConfigError, InvalidValue
+from kleidi.settings.types import (
+    MODE_FIX,
+    NO_INPUT_ERRORS,
+    BackendSettingsBase,
+    Duration,
+    Settings,
+    SocketMode,
+    check_env_name,
+    check_url,
+    parse_mode,
+)
 
 ENV_PREFIX = "KLEIDI_"
 ENV_CONFIG_FILE = "KLEIDI_CONFIG"
@@ -47,114 +55,7 @@ ENV_SEPARATOR = "__"
 
 
 
-MAX_DURATION = 30 * 24 * 3600.0
-"""No interval or timeout of kleidi's needs more than 30 days; a larger one (or inf) is a typo."""
-
-
-def _parse_duration(value: Any) -> Any:
-    # The one parser of Go durations, shared with every CLI flag; a bare number is refused with its fix.
-    return parse_duration(value, MAX_DURATION)
-
-
-_MODE_RE = re.compile(r"(?:0o)?([0-7]{3,4})")
-MODE_FIX = 'write it as a quoted octal string such as "0600"'
-
-
-def _parse_mode(value: Any) -> Any:
-    # A YAML integer is refused, not read as octal: PyYAML reads 0600 (YAML 1.1 octal) as 384 and
-    # 600 as decimal 600 (0o1130), and after parsing nothing tells the two apart.
-    if isinstance(value, bool | int | float):
-        raise PydanticCustomError(
-            "mode_not_a_string", "a file mode must be an octal string: an unquoted number is ambiguous in YAML "
-            "(0600 is read as 384, 600 as decimal 600)", {"fix": 'quote it: "0600"'})
-    if isinstance(value, str):
-        match = _MODE_RE.fullmatch(value.strip())
-        if not match:
-            raise InvalidValue(f"expected an octal file mode such as \"0600\", got {value!r}", fix=MODE_FIX)
-        mode = int(match.group(1), 8)
-        if mode > 0o777:
-            raise InvalidValue("the mode sets setuid, setgid or sticky bits, which kleidi never needs",
-                               fix='use three octal digits such as "0600"')
-        return mode
-    return value
-
-
-def _safe_socket_mode(mode: int) -> int:
-    if mode & 0o111:
-        raise InvalidValue(f"mode {mode:04o} has execute bits, which mean nothing on a socket",
-                           fix='use "0600", or "0660" with socket_group')
-    return mode
-
-
-# The JSON Schema describes what a config file may hold (numbers or strings with a unit, octal
-# strings), not the parsed value: without WithJsonSchema pydantic emits the post-validation type
-# and non-standard "gt"/"ge"/"le" keywords.
-Duration = Annotated[float, BeforeValidator(_parse_duration),
-                     Field(gt=0, json_schema_extra={"x-kleidi-type": "duration"}),
-                     # Written out (config check, the schema's defaults) as a file must write it.
-                     PlainSerializer(format_duration, return_type=str, when_used="json"),
-                     # A Go duration, as kleidi.durations parses it: a bare number is refused there too.
-                     WithJsonSchema({"type": "string",
-                                     "pattern": r"^\s*\+?((\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h))+\s*$"})]
-FileMode = Annotated[int, BeforeValidator(_parse_mode),
-                     PlainSerializer(lambda v: f"{v:04o}", return_type=str),
-                     WithJsonSchema({"type": "string", "pattern": r"^\s*(0o)?[0-7]{3,4}\s*$"})]
-# Read and write bits only (each digit one of 0, 2, 4, 6); whether others may have them depends on
-# authenticate_callers (ServerSettings._socket_mode_is_safe).
-SocketMode = Annotated[FileMode, AfterValidator(_safe_socket_mode),
-                       WithJsonSchema({"type": "string", "pattern": r"^\s*(0o|0)?[0246]{3}\s*$"})]
-
-
-def _check_url(value: Any) -> Any:
-    """No credentials in a URL: the URL is shown in logs, Status, /readyz, doctor and errors."""
-    if not isinstance(value, str):
-        return value  # pydantic's own str check reports it (without echoing it: hide_input_in_errors)
-    scheme, sep, rest = value.strip().partition("://")
-    authority = re.split(r"[/?#]", rest if sep else value.strip(), maxsplit=1)[0]
-    if "@" in authority:
-        shown = f"{scheme}://***@{authority.rpartition('@')[2]}" if sep else f"***@{authority.rpartition('@')[2]}"
-        raise PydanticCustomError(
-            "url_credentials", "the URL holds a user name or password ({shown}), which would be shown in logs, "
-            "Status and errors", {"shown": shown, "fix": "remove it from the URL and give the credential in the "
-                                  "auth settings (backend.auth: a token_file, or an AppRole secret_id_file)"})
-    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", value.strip()):
-        raise PydanticCustomError(
-            "url_invalid", "expected an http:// or https:// URL without ?query or #fragment",
-            {"fix": "write the server's URL such as https://vault.example.com:8200"})
-    return value.strip().rstrip("/")
-
-
-Url = Annotated[str, BeforeValidator(_check_url),
-                WithJsonSchema({"type": "string", "format": "uri", "pattern": r"^https?://[^/@\s?#]+(/[^\s?#]*)?$"})]
-"""A server URL, http(s)://host[:port][/path]; refused if it holds credentials (user:password@)."""
-
-def _check_env_name(value: Any) -> Any:
-    # A secret pasted here by mistake would otherwise be echoed in "environment variable <it> is not set".
-    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-        raise PydanticCustomError("env_name_invalid", "expected the name of an environment variable (letters, "
-                                  "digits, _), not its value",
-                                  {"fix": "put the credential in that variable or in a file and give its name here "
-                                   "(or use the *_file setting)"})
-    return value
-
-
-# Optional inside the Annotated, so that the field's annotation stays `str | None` (for the docs).
-OptionalEnvName = Annotated[str | None, BeforeValidator(_check_env_name),
-                            WithJsonSchema({"anyOf": [{"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-                                                      {"type": "null"}]})]
-"""The name of an environment variable that holds a credential (never the credential itself), or null."""
-
-_NO_INPUT_ERRORS = frozenset({"url_credentials", "url_invalid", "mode_not_a_string", "env_name_invalid"})
-"""Error types whose input is never printed: it may hold a credential, or it misleads (384 for 0600)."""
-
-
-class _Settings(BaseModel):
-    # hide_input_in_errors: str(ValidationError) never shows a value, whatever prints it;
-    # format_validation_error decides what to show.
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, hide_input_in_errors=True)
-
-
-class ServerSettings(_Settings):
+class ServerSettings(Settings):
     """The gRPC server that kube-apiserver calls."""
 
     endpoint: str = "unix:///var/run/kleidi/kleidi.sock"
@@ -250,7 +151,7 @@ class ServerSettings(_Settings):
         return value
 
 
-class LoggingSettings(_Settings):
+class LoggingSettings(Settings):
     """Logs go to stderr."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -260,7 +161,7 @@ class LoggingSettings(_Settings):
     """json: one JSON object per line; console: for people; auto: console on a terminal, else json."""
 
 
-class AuditSettings(_Settings):
+class AuditSettings(Settings):
     """The tamper-evident audit log: one hash-chained JSON line per Encrypt, Decrypt and key event."""
 
     path: Path | None = None
@@ -294,7 +195,7 @@ class AuditSettings(_Settings):
     then detects a log cut short, even right after a clean stop. null: no anchor."""
 
 
-class TelemetrySettings(_Settings):
+class TelemetrySettings(Settings):
     """Prometheus metrics and health endpoints (/metrics, /livez, /readyz) over plain HTTP."""
 
     address: str | None = "127.0.0.1:9464"
@@ -347,201 +248,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _BackendSettings(_Settings):
-    kind: str
-    """Backend type."""
-
-    refresh_interval: Duration = 5.0
-    """How often the backend's key versions are re-read in the background. Status is answered from
-    this state, never with a backend call; a rotation shows in Status within this interval."""
-
-    probe_interval: Duration = 30.0
-    """How often a wrap/unwrap round trip checks that the KEK works; Status healthz reflects it."""
-
-    timeout: Duration = 2.0
-    """Longest wait for one backend call. Keep it under the apiserver's KMS timeout (3s by default)
-    so that a slow backend gives a clear UNAVAILABLE instead of a deadline error."""
-
-
-class LocalBackendSettings(_BackendSettings):
-    """A software KEK kept in a keyring file on the node (AES-256-GCM)."""
-
-    kind: Literal["local"] = "local"
-    """Backend type."""
-
-    keyring: Path = Path("/var/lib/kleidi/keyring.json")
-    """Keyring file holding the KEK versions. Must be mode 0600 (or stricter) and owned by the user
-    kleidi runs as. Create it with `kleidi keygen`."""
-
-    create_if_missing: bool = False
-    """Create a new keyring at start-up if the file does not exist. Convenient for a first try; in
-    production create it with `kleidi keygen` and back it up."""
-
-
-class VaultTLSSettings(_Settings):
-    """TLS to Vault/OpenBao. The system trust store is used unless ca_file is set."""
-
-    ca_file: Path | None = None
-    """PEM bundle of the CA(s) that sign the server's certificate."""
-
-    server_name: str | None = None
-    """Name to expect in the server certificate (and send as SNI) when it differs from the host in
-    `address`, e.g. when connecting by IP."""
-
-    client_cert_file: Path | None = None
-    """Client certificate (PEM) presented to the server, for listeners that require one and for the
-    `cert` auth method. May hold the key too (a combined PEM such as the kubelet's client cert)."""
-
-    client_key_file: Path | None = None
-    """Private key for client_cert_file, if it is not in the same file."""
-
-
-class VaultTokenAuth(_Settings):
-    """A Vault token read from a file (re-read when the file changes) or an environment variable."""
-
-    method: Literal["token"] = "token"
-    """Auth method."""
-    token_file: Path | None = None
-    """File holding the token. Re-read whenever it changes, so an external agent can rotate it."""
-    token_env: OptionalEnvName = None
-    """Name of an environment variable holding the token (used if token_file is not set)."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> VaultTokenAuth:
-        if (self.token_file is None) == (self.token_env is None):
-            if self.token_file is not None:
-                raise InvalidValue("both token_file and token_env are set: kleidi reads the token from one place",
-                                   fix="keep one of token_file and token_env, and remove the other")
-            raise InvalidValue("neither token_file nor token_env is set: kleidi has no token to log in with",
-                               fix="set token_file to the file that holds the token (or token_env to the name of "
-                               "the environment variable)")
-        return self
-
-
-class VaultAppRoleAuth(_Settings):
-    """AppRole: a role_id and a secret_id, each read from a file or an environment variable."""
-
-    method: Literal["approle"] = "approle"
-    """Auth method."""
-    mount: str = "approle"
-    """Path the AppRole auth method is mounted at."""
-    role_id_file: Path | None = None
-    """File holding the role_id."""
-    role_id_env: OptionalEnvName = None
-    """Environment variable holding the role_id (if role_id_file is not set)."""
-    secret_id_file: Path | None = None
-    """File holding the secret_id (re-read at every login)."""
-    secret_id_env: OptionalEnvName = None
-    """Environment variable holding the secret_id (if secret_id_file is not set)."""
-
-    @model_validator(mode="after")
-    def _sources(self) -> VaultAppRoleAuth:
-        for name in ("role_id", "secret_id"):
-            if (getattr(self, f"{name}_file") is None) == (getattr(self, f"{name}_env") is None):
-                if getattr(self, f"{name}_file") is not None:
-                    raise InvalidValue(f"both {name}_file and {name}_env are set: kleidi reads the {name} from "
-                                       "one place", fix=f"keep one of {name}_file and {name}_env, and remove the other")
-                raise InvalidValue(f"neither {name}_file nor {name}_env is set: kleidi has no {name} to log in with",
-                                   fix=f"set {name}_file to the file that holds the {name} (or {name}_env to the name "
-                                   "of the environment variable)")
-        return self
-
-
-class VaultJWTAuth(_Settings):
-    """JWT auth: a JWT read from a file (e.g. a projected service-account token) is exchanged for a token."""
-
-    method: Literal["jwt"] = "jwt"
-    """Auth method."""
-    mount: str = "jwt"
-    """Path the JWT auth method is mounted at."""
-    role: str = Field(examples=["kleidi"])
-    """Vault role to log in as."""
-    token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-    """File holding the JWT; re-read at every login, so a rotated projected token is picked up."""
-
-
-class VaultKubernetesAuth(_Settings):
-    """Kubernetes auth: Vault checks the service-account token with the cluster's TokenReview API."""
-
-    method: Literal["kubernetes"] = "kubernetes"
-    """Auth method."""
-    mount: str = "kubernetes"
-    """Path the Kubernetes auth method is mounted at."""
-    role: str = Field(examples=["kleidi"])
-    """Vault role to log in as."""
-    token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-    """File holding the service-account JWT; re-read at every login."""
-
-
-class VaultCertAuth(_Settings):
-    """TLS certificate auth: the client certificate in `tls` is the credential."""
-
-    method: Literal["cert"] = "cert"
-    """Auth method."""
-    mount: str = "cert"
-    """Path the cert auth method is mounted at."""
-    role: str | None = None
-    """Certificate role to log in as; null lets Vault pick the matching one."""
-
-
-VaultAuthSettings = Annotated[VaultTokenAuth | VaultAppRoleAuth | VaultJWTAuth | VaultKubernetesAuth | VaultCertAuth,
-                              Field(discriminator="method")]
-
-
-class VaultBackendSettings(_BackendSettings):
-    """A named key in Vault's or OpenBao's Transit secrets engine wraps the seeds."""
-
-    kind: Literal["vault"] = "vault"
-    """Backend type."""
-
-    # examples: what the fix of a missing required setting shows (validation_problems).
-    address: Url = Field(examples=["https://vault.example.com:8200"])
-    """Server URL, e.g. https://vault.example.com:8200. Never with credentials in it
-    (https://user:password@...): it is shown in logs and Status, so kleidi refuses it; credentials
-    go in `auth`, read from files."""
-
-    namespace: str | None = None
-    """Vault Enterprise / OpenBao namespace (sent as X-Vault-Namespace); null for the root."""
-
-    transit_mount: str = "transit"
-    """Path the Transit secrets engine is mounted at."""
-
-    key: str = Field(examples=["kubernetes"])
-    """Name of the Transit key. Use an AEAD type (aes256-gcm96, the default, or chacha20-poly1305)
-    so that each ciphertext is bound to its key_id and annotations."""
-
-    auth: VaultAuthSettings = Field(examples=[{"method": "token", "token_file": "/etc/kleidi/vault-token"}])
-    """How kleidi logs in. Secrets come from files or environment variables, never from this file."""
-
-    tls: VaultTLSSettings = VaultTLSSettings()
-    """TLS settings for the connection to the server."""
-
-    max_connections: int = Field(default=32, ge=1, le=1024)
-    """Connections kept open to the server and shared by all requests."""
-
-    max_in_flight: int = Field(default=1, ge=1, le=1024)
-    """Transit encrypt (or decrypt) requests kleidi keeps open at once. Calls that arrive while that
-    many are out are sent together, as one batch_input request, when one returns: a burst costs the
-    server a few requests instead of one per call, and a lone call never waits."""
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace_path(cls, value: str | None) -> str | None:
-        return value.strip("/") or None if value is not None else None
-
-    @field_validator("transit_mount")
-    @classmethod
-    def _mount_path(cls, value: str) -> str:
-        value = value.strip("/")
-        if not value:
-            raise InvalidValue("transit_mount is empty",
-                               fix="give the path the Transit engine is mounted at, e.g. transit")
-        return value
-
-
 DEFAULT_BACKEND = "local"
-BACKEND_KINDS = ("local", "vault")
-VAULT_AUTH_METHODS = ("token", "approle", "jwt", "kubernetes", "cert")
+BACKEND_MODELS: dict[str, type[BackendSettingsBase]] = registry.settings_models()
+"""Each installed backend's settings model, by kind: the ``backend`` section is one of them."""
+BACKEND_KINDS = tuple(BACKEND_MODELS)
 
 
 def _default_backend_kind(value: Any) -> Any:
@@ -551,11 +261,14 @@ def _default_backend_kind(value: Any) -> Any:
     return value
 
 
-BackendSettings = Annotated[LocalBackendSettings | VaultBackendSettings, Field(discriminator="kind"),
-                            BeforeValidator(_default_backend_kind)]
+if typing.TYPE_CHECKING:  # what every backend's settings have; the code that needs more is the backend's own
+    BackendSettings = BackendSettingsBase
+else:  # the installed backends' models, discriminated by kind: built at run time from the registry
+    BackendSettings = Annotated[typing.Union[tuple(BACKEND_MODELS.values())],  # noqa: UP007
+                                Field(discriminator="kind"), BeforeValidator(_default_backend_kind)]
 
 
-class KleidiSettings(_Settings):
+class KleidiSettings(Settings):
     """All of kleidi's settings."""
 
     server: ServerSettings = ServerSettings()
@@ -570,7 +283,7 @@ class KleidiSettings(_Settings):
     audit: AuditSettings = AuditSettings()
     """The tamper-evident audit log."""
 
-    backend: BackendSettings = LocalBackendSettings()
+    backend: BackendSettings = typing.cast(Any, BACKEND_MODELS[DEFAULT_BACKEND])()
     """Where the KEK lives. `kind` selects the backend; the other fields depend on it."""
 
 
@@ -769,13 +482,19 @@ def _models(annotation: Any) -> list[type[BaseModel]]:
     return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
 
 
-def _tag(model: type[BaseModel]) -> str | None:
-    """The discriminator value of a backend or auth-method model (``local``, ``approle``), if it is one."""
+def _tag_field(model: type[BaseModel]) -> str | None:
+    """The discriminator field of a union member (``kind`` for a backend, ``method`` for an auth method)."""
     for name in ("kind", "method"):
         info = model.model_fields.get(name)
         if info is not None and typing.get_origin(info.annotation) is Literal:
-            return str(typing.get_args(info.annotation)[0])
+            return name
     return None
+
+
+def _tag(model: type[BaseModel]) -> str | None:
+    """The discriminator value of a backend or auth-method model (``local``, ``approle``), if it is one."""
+    field = _tag_field(model)
+    return str(typing.get_args(model.model_fields[field].annotation)[0]) if field else None
 
 
 class _Located(NamedTuple):
@@ -894,17 +613,17 @@ def _type_fix(info: FieldInfo, item: bool = False) -> str:
     or_null = ", or null" if _allows_none(info.annotation) else ""
     if extra.get("x-kleidi-type") == "duration":
         return "write a duration greater than 0, such as 500ms, 5s or 1m"
-    if _parse_mode in validators:
+    if parse_mode in validators:
         return MODE_FIX
-    if _check_url in validators:
+    if check_url in validators:
         return "write the server's URL such as https://vault.example.com:8200"
-    if _check_env_name in validators:
+    if check_env_name in validators:
         return f"give the name of an environment variable, such as VAULT_TOKEN{or_null}"
     members = _members(info.annotation)
     models = _models(info.annotation)
     if len(models) > 1:
         tags = [t for t in map(_tag, models) if t]
-        tag = "kind" if "local" in tags else "method"
+        tag = _tag_field(models[0])
         return f"write it as a mapping that starts with `{tag}:` ({', '.join(tags)}) and that {tag}'s settings"
     if models:
         first, field = next(iter(models[0].model_fields.items()))
@@ -1016,19 +735,20 @@ def _problem(err: Any, at: _Located, where: str) -> Problem:
         owners = [str(_tag(m)) for m in at.others if name in m.model_fields]
         if at.chosen is not None and owners:
             # Suggestions come from the chosen backend or method only; say where the field belongs.
-            tag = "kind" if _tag(at.chosen) in BACKEND_KINDS else "method"
+            tag = _tag_field(at.chosen)
             return Problem(where, f"unknown field for {tag}: {_tag(at.chosen)} (it is a setting of {tag} "
                            f"{', '.join(owners[:-1]) + ' or ' if len(owners) > 1 else ''}{owners[-1]})",
                            f"remove it ({hint})")
         return Problem(where, "unknown field", f"remove it ({hint})")
-    if kind == "union_tag_invalid":
-        tag = "kind" if at.path[-1] == "backend" else "method"
-        choices = BACKEND_KINDS if tag == "kind" else VAULT_AUTH_METHODS
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # pydantic names the field and the choices
+        tag = str(ctx.get("discriminator", "kind")).strip("'")
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", ""))) or (
+            [str(_tag(m)) for m in _models(at.info.annotation)] if at.info is not None else [])
+        if kind == "union_tag_not_found":
+            return Problem(where, f"missing `{tag}`", f"set {tag} to one of: {', '.join(choices)}")
         given = err["input"].get(tag) if isinstance(err["input"], dict) else None
         return Problem(where.replace(at.shown, f"{at.shown}.{tag}", 1), f"unknown {tag} {_shown(str(given))!r}",
                        f"use one of: {', '.join(choices)}")
-    if kind == "union_tag_not_found":
-        return Problem(where, "missing `method`", f"set method to one of: {', '.join(VAULT_AUTH_METHODS)}")
     error = ctx.get("error")
     own_fix, own_message = getattr(error, "fix", None), getattr(error, "message", None)
     if isinstance(own_fix, str) and isinstance(own_message, str):
@@ -1049,7 +769,7 @@ def _problem(err: Any, at: _Located, where: str) -> Problem:
         message, fix = str(err["msg"]), "correct the value (see docs/configuration.md)"
     message = _USERINFO.sub(r"\1***@", message.removeprefix("Value error, "))
     given = err.get("input")
-    if kind not in _NO_INPUT_ERRORS and isinstance(given, str | int | float | bool) and repr(given) not in message:
+    if kind not in NO_INPUT_ERRORS and isinstance(given, str | int | float | bool) and repr(given) not in message:
         message += f" (got {_shown(given)!r})" if isinstance(given, str) else f" (got {_shown(_inline(given))})"
     return Problem(where, message, fix)
 

@@ -5,26 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import time
-from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
 
+from kleidi.checks import FAIL, PASS, SKIP, Check
 from kleidi.config import KleidiSettings, load_settings, load_yaml_file
 from kleidi.endpoint import check_ancestors, parse_endpoint
 from kleidi.errors import ConfigError, KleidiError
 from kleidi.service.keys import round_trip
 
-PASS, FAIL, SKIP = "pass", "FAIL", "skip"
-
-
-@dataclass
-class Check:
-    name: str
-    result: str
-    detail: str
-    fix: str = ""
+__all__ = ["FAIL", "PASS", "SKIP", "Check", "run"]
 
 
 def _config(config_file: Path | None) -> tuple[KleidiSettings | None, Check]:
@@ -36,33 +25,13 @@ def _config(config_file: Path | None) -> tuple[KleidiSettings | None, Check]:
 
 
 def _files(settings: KleidiSettings) -> list[Check]:
-    checks = []
-    backend = settings.backend
-    if backend.kind == "local":
-        from kleidi.backends.local import check_file_safety
+    from kleidi.registry import registered_class
 
-        try:
-            check_file_safety(backend.keyring)
-            checks.append(Check("keyring file", PASS, f"{backend.keyring}: regular file, mode 0600 or stricter, ours"))
-        except KleidiError as exc:
-            checks.append(Check("keyring file", FAIL, *_split(exc)))
-    else:
-        for label, path in (("token file", getattr(backend.auth, "token_file", None)),
-                            ("secret_id file", getattr(backend.auth, "secret_id_file", None)),
-                            ("client key file", backend.tls.client_key_file or backend.tls.client_cert_file)):
-            if path is None:
-                continue
-            try:
-                mode = stat.S_IMODE(os.stat(path).st_mode)
-            except OSError as exc:
-                checks.append(Check(label, FAIL, f"{path}: {exc.strerror}", "create the file or fix the path"))
-                continue
-            if mode & 0o077:
-                checks.append(Check(label, FAIL, f"{path} has mode {mode:04o}, readable by others",
-                                    f"chmod 600 {path}"))
-            else:
-                checks.append(Check(label, PASS, f"{path}: mode {mode:04o}"))
-    return checks
+    try:
+        cls = registered_class(settings.backend.kind)
+    except KleidiError:
+        return []  # the backend check reports it
+    return cls.file_checks(settings.backend)
 
 
 async def _backend(settings: KleidiSettings) -> list[Check]:
@@ -72,8 +41,9 @@ async def _backend(settings: KleidiSettings) -> list[Check]:
         backend = create_backend(settings.backend)
     except KleidiError as exc:
         return [Check("backend", FAIL, *_split(exc))]
-    checks: list[Check] = [await _clock_skew(settings)] if settings.backend.kind == "vault" else []
+    checks: list[Check] = []
     try:
+        checks += await backend.preflight()
         try:
             async with asyncio.timeout(settings.backend.timeout + 5):
                 keys = await backend.load_keys()
@@ -87,7 +57,8 @@ async def _backend(settings: KleidiSettings) -> list[Check]:
             checks.append(Check("encrypt/decrypt round trip", PASS, "the KEK wraps and unwraps"))
         except (KleidiError, TimeoutError) as exc:
             checks.append(Check("encrypt/decrypt round trip", FAIL, _detail(exc),
-                                _fix(exc, "check the policy: encrypt and decrypt on the key (kleidi policy vault)")))
+                                _fix(exc, "check that kleidi may both encrypt and decrypt with the key "
+                                          "(see the backend's page in docs/backends/)")))
     finally:
         await backend.close()
     return checks
@@ -105,30 +76,6 @@ def _detail(exc: BaseException) -> str:
 def _fix(exc: BaseException, default: str) -> str:
     """The error's own fix when it has one (it knows more), else the check's general advice."""
     return (exc.fix if isinstance(exc, KleidiError) else None) or default
-
-
-async def _clock_skew(settings: Any, limit: float = 30.0) -> Check:
-    """JWT auth and TLS both need the clocks to agree: compare Vault's Date header with ours."""
-    import aiohttp
-
-    from kleidi.backends.vault import _ssl_context
-
-    backend = settings.backend
-    ssl_context = _ssl_context(backend) if backend.address.startswith("https:") else None
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=backend.timeout + 3)) as session, \
-                session.get(f"{backend.address}/v1/sys/health", ssl=ssl_context if ssl_context else True,
-                            server_hostname=backend.tls.server_name) as response:
-            date = response.headers.get("Date")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return Check("clock skew", FAIL, f"cannot reach {backend.address}: {type(exc).__name__}")
-    if not date:
-        return Check("clock skew", SKIP, "the server sent no Date header")
-    skew = parsedate_to_datetime(date).timestamp() - time.time()
-    if abs(skew) > limit:
-        return Check("clock skew", FAIL, f"this node's clock is {-skew:+.0f}s off the backend's",
-                     "synchronise the clocks (chrony/NTP): JWT and TLS checks fail beyond a small skew")
-    return Check("clock skew", PASS, f"{abs(skew):.0f}s (limit {limit:.0f}s)")
 
 
 def _socket(settings: KleidiSettings, expected_key_id: str | None) -> list[Check]:

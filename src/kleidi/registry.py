@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import importlib.util
+import typing
 from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -43,8 +44,9 @@ def import_backend_module(kind: str, module: str) -> ModuleType:
         raise missing_extra(kind, exc.name) from None
 
 
-def backend_class(kind: str) -> Callable[[Any], Backend]:
-    """The class registered for ``kind``, imported: fails if the backend or its extra is missing."""
+def registered_class(kind: str) -> type[Backend]:
+    """The class registered for ``kind``, imported, whether or not its extra is installed (a backend
+    module imports without it; only using the backend needs it)."""
     matches = [ep for ep in entry_points(group=GROUP) if ep.name == kind]
     if not matches:
         raise ConfigError(f"backend.kind: no backend named {kind!r} is installed; installed: "
@@ -63,7 +65,19 @@ def backend_class(kind: str) -> Callable[[Any], Backend]:
     if not (isinstance(loaded, type) and issubclass(loaded, Backend)):
         raise ConfigError(f"backend.kind: the entry point {kind!r} ({sources[0]}) is not a kleidi Backend class",
                           fix="fix or uninstall the package that provides it")
-    cls: Callable[[Any], Backend] = loaded
+    return loaded
+
+
+def backend_class(kind: str) -> type[Backend]:
+    """The class registered for ``kind``, ready to use: fails if the backend or its extra is missing."""
+    cls = registered_class(kind)
+    for module in cls.requires:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # a finder may refuse the name outright
+            found = False
+        if not found:
+            raise missing_extra(kind, module)
     return cls
 
 
@@ -89,5 +103,22 @@ def backend_status() -> list[BackendStatus]:
     return out
 
 
+def settings_models() -> dict[str, Any]:
+    """Each installed backend's settings model, by kind, for the config's ``backend`` union.
+
+    A backend module imports without its optional dependencies (only using it needs them), so the
+    schema, the docs and ``kleidi backends`` work on a machine that has some extras only."""
+    models: dict[str, Any] = {}
+    for name in sorted(available()):
+        cls = registered_class(name)
+        model = getattr(cls, "settings_model", None)
+        tag = getattr(model, "model_fields", {}).get("kind")
+        if tag is None or typing.get_args(tag.annotation) != (name,):
+            raise ConfigError(f"backend {name!r}: its settings_model has no `kind: Literal[{name!r}]`",
+                              fix="fix or uninstall the package that provides it")
+        models[name] = model
+    return models
+
+
 def create_backend(settings: Any) -> Backend:
-    return backend_class(settings.kind)(settings)
+    return backend_class(settings.kind)(settings)  # type: ignore[call-arg]  # each class takes its settings

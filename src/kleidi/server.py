@@ -39,10 +39,8 @@ class Server:
     """One kleidi instance: backend, key state, gRPC server. ``run()`` serves until ``stop()``."""
 
     def __init__(self, settings: KleidiSettings, backend: Backend | None = None,
-                 reload_settings: Callable[[], KleidiSettings] | None = None, watch: Path | None = None,
-                 on_started: Callable[[], None] | None = None) -> None:
+                 reload_settings: Callable[[], KleidiSettings] | None = None, watch: Path | None = None) -> None:
         self.settings = settings
-        self._on_started = on_started
         self._reload_settings = reload_settings
         self._watch = watch
         self.endpoint = endpoint.parse_endpoint(settings.server.endpoint)
@@ -128,6 +126,7 @@ class Server:
                 await round_trip(backend, key_set.current)
         except BaseException:
             await backend.close()
+            backend.discard_created()
             raise
         return backend, key_set
 
@@ -269,12 +268,11 @@ class Server:
                 await self._release_socket()
                 raise
         except BaseException:
+            self.backend.discard_created()  # a failed first try leaves nothing a second one would reuse
             if audit_log is not None:
                 audit.activate(None)
                 audit_log.close()
             raise
-        if self._on_started is not None:  # start-up succeeded: what it created (a keyring) is in use from now
-            self._on_started()
         audit.note("start", version=__version__, backend=self.backend.kind, endpoint=str(self.endpoint),
                    key_id=self.keys.key_set.current.key_id if self.keys.key_set else None)
         syncer = asyncio.create_task(self._sync_audit(audit_log)) if audit_log else None
@@ -356,12 +354,12 @@ def harden_process(lock_memory: bool = False) -> None:
 
 
 def serve(settings: KleidiSettings, reload_settings: Callable[[], KleidiSettings] | None = None,
-          watch: Path | None = None, on_started: Callable[[], None] | None = None) -> None:
+          watch: Path | None = None) -> None:
     """Build the server and run it until SIGTERM/SIGINT; SIGHUP, or a change to the file ``watch``,
     reloads through ``reload_settings``."""
     harden_process(settings.server.lock_memory)  # after logging is configured, so the result is logged
     with asyncio.Runner(loop_factory=_event_loop_factory(settings.server.event_loop)) as runner:
-        runner.run(Server(settings, reload_settings=reload_settings, watch=watch, on_started=on_started).run())
+        runner.run(Server(settings, reload_settings=reload_settings, watch=watch).run())
 
 
 def _event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from kleidi import logs
 from kleidi.backends.base import KeyVersion
-from kleidi.backends.local import LocalBackend
-from kleidi.config import LocalBackendSettings, load_settings
+from kleidi.backends.local import LocalBackend, LocalBackendSettings
+from kleidi.config import load_settings
 from kleidi.server import Server
 from kleidi.service.keys import _PROBE_AAD
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kleidi.backends.vault import policy
-from kleidi.config import VaultBackendSettings
+from kleidi.backends.vault import VaultBackendSettings, policy
 
 from .openbao import Namespace, OpenBao, unique, write_private
 

@@ -12,7 +12,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from kleidi.checks import Check
 
 FileStamp = tuple[int, int, int, int]
 
@@ -68,6 +70,12 @@ class Backend(ABC):
     """
 
     kind: ClassVar[str]
+    settings_model: ClassVar[type[Any]]
+    """The backend's pydantic settings model (a kleidi.settings.types.BackendSettingsBase with
+    ``kind: Literal["<kind>"]``): the registry puts it into the config's ``backend`` union."""
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Modules of the backend's pip extra; if one is missing, the backend is reported unusable
+    with the extra's install command."""
     retired_fix: ClassVar[str] = ("if the objects stored under it are still needed, restore that key version in the "
                                   "backend; else delete and re-create them")
     """What an operator can do about a retired key_id: only they can bring a version back."""
@@ -99,8 +107,34 @@ class Backend(ABC):
         :raises BackendUnavailable: the backend cannot be used now.
         """
 
+    def discard_created(self) -> None:  # noqa: B027 - optional hook, most backends create nothing
+        """Start-up failed: remove what this backend created for it (a keyring made because
+        create_if_missing was set), so that a second try does not silently reuse it."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections and key material; idempotent."""
+
+    @classmethod
+    def cli_commands(cls) -> list[tuple[str, Any]]:
+        """The backend's own ``kleidi`` commands, as (group, click command): group "" for a top-level
+        command, or the name of a core group (``policy``)."""
+        return []
+
+    @classmethod
+    def lifecycle_hint(cls, command: str, settings: Any, version: int | None) -> str | None:
+        """What to run instead of another backend's key command (``rotate``, ``retire``, ``keygen``,
+        ``keys``) under this backend's config; None if there is nothing specific to say."""
+        return None
+
+    @classmethod
+    def file_checks(cls, settings: Any) -> list[Check]:
+        """``kleidi doctor``'s checks of the files this backend's settings name (keyring, credentials);
+        runs without the backend's extra."""
+        return []
+
+    async def preflight(self) -> list[Check]:
+        """``kleidi doctor``'s checks before the first key load (e.g. clock skew against the server)."""
+        return []
 
     def describe(self) -> str:
         """A one-line, non-secret description for logs (e.g. the keyring path)."""

@@ -18,20 +18,28 @@ import binascii
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import stat
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+
+import click
 
 from kleidi._crypto import aead
 from kleidi._crypto.keyid import derive_key_id
 from kleidi.backends.base import Backend, FileStamp, KeySet, KeyVersion, stat_stamp
-from kleidi.config import LocalBackendSettings
-from kleidi.errors import InvalidRequest, KeyringError, RetiredKey
+from kleidi.checks import FAIL, PASS, Check
+from kleidi.cli_support import KeyVersionType, config_options, load, output_option, print_table
+from kleidi.errors import ConfigError, InvalidRequest, KeyringError, KleidiError, RetiredKey
+from kleidi.settings.types import BackendSettingsBase
+
+log = logging.getLogger("kleidi.backends.local")
 
 FORMAT = "kleidi-keyring"
 FORMAT_VERSION = 1
@@ -39,6 +47,21 @@ ACTIVE = "active"
 RETIRED = "retired"
 RETIRED_FIX = ("if the objects stored under it are still needed, restore that version from a keyring backup made "
                "before `kleidi retire`; else delete and re-create them")
+
+
+class LocalBackendSettings(BackendSettingsBase):
+    """A software KEK kept in a keyring file on the node (AES-256-GCM)."""
+
+    kind: Literal["local"] = "local"
+    """Backend type."""
+
+    keyring: Path = Path("/var/lib/kleidi/keyring.json")
+    """Keyring file holding the KEK versions. Must be mode 0600 (or stricter) and owned by the user
+    kleidi runs as. Create it with `kleidi keygen`."""
+
+    create_if_missing: bool = False
+    """Create a new keyring at start-up if the file does not exist. Convenient for a first try; in
+    production create it with `kleidi keygen` and back it up."""
 
 
 def _now() -> str:
@@ -251,16 +274,65 @@ def edit_keyring(path: Path) -> Iterator[Keyring]:
         _write_atomically(path, keyring.to_json())
 
 
+@dataclass
+class _Created:
+    """What creating a keyring makes: the file, its lock file and the directories above it."""
+
+    keyring: Path
+    lock: Path | None
+    directories: list[Path]  # deepest first
+
+    @classmethod
+    def before_creating(cls, path: Path) -> _Created:
+        lock = path.with_name(f".{path.name}.lock")
+        missing = []
+        for parent in path.parents:
+            if os.path.lexists(parent):
+                break
+            missing.append(parent)
+        return cls(path, None if os.path.lexists(lock) else lock, missing)
+
+    def remove(self) -> bool:
+        """Remove it all, unless the keyring is no longer only what was created (e.g. rotated since)."""
+        try:
+            ring, _ = read_keyring(self.keyring)
+        except (KleidiError, OSError):
+            return False  # gone, or not a keyring kleidi would recognise: leave it alone
+        if list(ring.versions) != [1]:
+            return False
+        for path in (self.keyring, self.lock):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        for directory in self.directories:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        return True
+
+
 class LocalBackend(Backend):
     """KEK versions from a local keyring file; re-read whenever the file changes."""
 
     kind: ClassVar[str] = "local"
+    settings_model: ClassVar[type[LocalBackendSettings]] = LocalBackendSettings
     retired_fix: ClassVar[str] = RETIRED_FIX
+
+    @classmethod
+    def file_checks(cls, settings: LocalBackendSettings) -> list[Check]:
+        try:
+            check_file_safety(settings.keyring)
+        except KleidiError as exc:
+            return [Check("keyring file", FAIL, exc.message, exc.fix or "")]
+        return [Check("keyring file", PASS, f"{settings.keyring}: regular file, mode 0600 or stricter, ours")]
+
+    @classmethod
+    def cli_commands(cls) -> list[tuple[str, Any]]:
+        return [("", command) for command in _COMMANDS]
 
     def __init__(self, settings: LocalBackendSettings) -> None:
         self._path = settings.keyring
-        if settings.create_if_missing and not os.path.lexists(self._path):
-            create_keyring(self._path)
+        self._create_if_missing = settings.create_if_missing  # at the first load: no I/O in the constructor
+        self._created: _Created | None = None
         self._keys: dict[int, bytes] = {}
         self._key_set: KeySet | None = None
         self._file_identity: FileStamp | None = None
@@ -269,6 +341,12 @@ class LocalBackend(Backend):
         return f"local keyring {self._path}"
 
     async def load_keys(self, force: bool = False) -> KeySet:
+        if self._create_if_missing:
+            self._create_if_missing = False
+            if not os.path.lexists(self._path):
+                created = _Created.before_creating(self._path)
+                create_keyring(self._path)
+                self._created = created
         identity = stat_stamp(check_file_safety(self._path))
         if not force and self._key_set is not None and identity == self._file_identity:
             return self._key_set
@@ -285,6 +363,12 @@ class LocalBackend(Backend):
                              fix=RETIRED_FIX)
         return material
 
+    def discard_created(self) -> None:
+        created, self._created = self._created, None
+        if created is not None and created.remove():
+            log.warning("start-up failed: removed the keyring %s that create_if_missing (--create-keyring) had just "
+                        "made", created.keyring)
+
     async def wrap(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:
         return aead.seal(self._key(key), plaintext, aad)
 
@@ -293,3 +377,80 @@ class LocalBackend(Backend):
 
     async def close(self) -> None:
         self._keys = {}
+
+
+# -- CLI commands: the keyring's lifecycle ---------------------------------------------------------
+
+
+def _local_keyring_path(config_file: Path | None, keyring: Path | None, command: str,
+                        version: int | None = None) -> Path:
+    from kleidi.registry import registered_class
+
+    settings = load(config_file, **{"backend.keyring": keyring})
+    backend = settings.backend
+    if backend.kind != "local":
+        hint = registered_class(backend.kind).lifecycle_hint(command, backend, version)
+        raise ConfigError(f"`kleidi {command}` manages the local backend's keyring; this config's backend is "
+                          f"{backend.kind}", fix=hint or f"manage the keys with the {backend.kind} backend's own tools")
+    path: Path = backend.keyring
+    return path
+
+
+@click.command()
+@config_options
+def keygen(config_file: Path | None, keyring: Path | None) -> None:
+    """Create a new local keyring (mode 0600) with one KEK version."""
+    path = _local_keyring_path(config_file, keyring, "keygen")
+    created = create_keyring(path)
+    click.echo(f"created keyring {path}\ncurrent version {created.current}, key_id {created.key_id(created.current)}"
+               "\nBack this file up: without it nothing encrypted with it can be read.")
+
+
+@click.command()
+@config_options
+def rotate(config_file: Path | None, keyring: Path | None) -> None:
+    """Add a new KEK version to the local keyring and make it current."""
+    path = _local_keyring_path(config_file, keyring, "rotate")
+    with edit_keyring(path) as ring:
+        entry = ring.rotate()
+    click.echo(f"rotated {path}: version {entry.version} is current, key_id {ring.key_id(entry.version)}\n"
+               "Running servers pick it up within backend.refresh_interval (or at once on SIGHUP); older versions "
+               "keep decrypting until you retire them.")
+
+
+@click.command()
+@config_options
+@click.argument("version", type=KeyVersionType())
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def retire(config_file: Path | None, keyring: Path | None, version: int, yes: bool) -> None:
+    """Destroy the key material of an old KEK VERSION (v1 or 1, as `kleidi keys` shows it). Ciphertexts
+    wrapped with it stop decrypting."""
+    path = _local_keyring_path(config_file, keyring, "retire", version)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("retiring destroys a key; pass --yes to confirm when not at a terminal")
+        click.confirm(f"Destroy version {version} of {path}? Data still encrypted with it becomes unreadable",
+                      abort=True)
+    with edit_keyring(path) as ring:
+        ring.retire(version)
+    click.echo(f"retired version {version} of {path} (key_id {ring.key_id(version)})")
+
+
+@click.command()
+@config_options
+@output_option
+def keys(config_file: Path | None, keyring: Path | None, output: str) -> None:
+    """List the local keyring's versions and their key_ids (no key material)."""
+    path = _local_keyring_path(config_file, keyring, "keys")
+    ring, _ = read_keyring(path)
+    rows = [{"version": v, "key_id": ring.key_id(v), "state": e.state, "current": v == ring.current,
+             "created": e.created, "retired": e.retired} for v, e in sorted(ring.versions.items())]
+    if output == "json":
+        click.echo(json.dumps({"keyring": str(path), "keyring_id": ring.keyring_id, "versions": rows}, indent=2))
+        return
+    print_table(f"keyring {path}", ("version", "state", "current", "created", "retired", "key_id"),
+                 [(f"v{row['version']}", row["state"], "current" if row["current"] else "", row["created"],
+                   row["retired"], row["key_id"]) for row in rows])
+
+
+_COMMANDS = (keygen, rotate, retire, keys)

@@ -28,26 +28,189 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
-import aiohttp
+import click
+from pydantic import Field, field_validator, model_validator
+
+try:  # the vault extra: the settings below import without it, the backend needs it
+    import aiohttp
+except ImportError:  # pragma: no cover - exercised by tests/test_cli_extras.py in a subprocess
+    aiohttp = None  # type: ignore[assignment]
 
 from kleidi import audit, telemetry
 from kleidi._crypto.keyid import derive_key_id
 from kleidi.backends.base import MAX_PLAINTEXT_SIZE, Backend, FileStamp, KeySet, KeyVersion, file_stamp
 from kleidi.backends.batching import Coalescer
-from kleidi.config import (
-    VaultAppRoleAuth,
-    VaultBackendSettings,
-    VaultCertAuth,
-    VaultJWTAuth,
-    VaultKubernetesAuth,
-    VaultTokenAuth,
-)
-from kleidi.errors import BackendUnavailable, ConfigError, DecryptionFailed, KleidiError, RetiredKey
+from kleidi.checks import FAIL, PASS, SKIP, Check, private_file
+from kleidi.cli_support import load
+from kleidi.errors import BackendUnavailable, ConfigError, DecryptionFailed, InvalidValue, KleidiError, RetiredKey
+from kleidi.settings.types import BackendSettingsBase, OptionalEnvName, Settings, Url
 
 log = logging.getLogger("kleidi.backends.vault")
+
+
+class VaultTLSSettings(Settings):
+    """TLS to Vault/OpenBao. The system trust store is used unless ca_file is set."""
+
+    ca_file: Path | None = None
+    """PEM bundle of the CA(s) that sign the server's certificate."""
+
+    server_name: str | None = None
+    """Name to expect in the server certificate (and send as SNI) when it differs from the host in
+    `address`, e.g. when connecting by IP."""
+
+    client_cert_file: Path | None = None
+    """Client certificate (PEM) presented to the server, for listeners that require one and for the
+    `cert` auth method. May hold the key too (a combined PEM such as the kubelet's client cert)."""
+
+    client_key_file: Path | None = None
+    """Private key for client_cert_file, if it is not in the same file."""
+
+
+class VaultTokenAuth(Settings):
+    """A Vault token read from a file (re-read when the file changes) or an environment variable."""
+
+    method: Literal["token"] = "token"
+    """Auth method."""
+    token_file: Path | None = None
+    """File holding the token. Re-read whenever it changes, so an external agent can rotate it."""
+    token_env: OptionalEnvName = None
+    """Name of an environment variable holding the token (used if token_file is not set)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VaultTokenAuth:
+        if (self.token_file is None) == (self.token_env is None):
+            if self.token_file is not None:
+                raise InvalidValue("both token_file and token_env are set: kleidi reads the token from one place",
+                                   fix="keep one of token_file and token_env, and remove the other")
+            raise InvalidValue("neither token_file nor token_env is set: kleidi has no token to log in with",
+                               fix="set token_file to the file that holds the token (or token_env to the name of "
+                               "the environment variable)")
+        return self
+
+
+class VaultAppRoleAuth(Settings):
+    """AppRole: a role_id and a secret_id, each read from a file or an environment variable."""
+
+    method: Literal["approle"] = "approle"
+    """Auth method."""
+    mount: str = "approle"
+    """Path the AppRole auth method is mounted at."""
+    role_id_file: Path | None = None
+    """File holding the role_id."""
+    role_id_env: OptionalEnvName = None
+    """Environment variable holding the role_id (if role_id_file is not set)."""
+    secret_id_file: Path | None = None
+    """File holding the secret_id (re-read at every login)."""
+    secret_id_env: OptionalEnvName = None
+    """Environment variable holding the secret_id (if secret_id_file is not set)."""
+
+    @model_validator(mode="after")
+    def _sources(self) -> VaultAppRoleAuth:
+        for name in ("role_id", "secret_id"):
+            if (getattr(self, f"{name}_file") is None) == (getattr(self, f"{name}_env") is None):
+                if getattr(self, f"{name}_file") is not None:
+                    raise InvalidValue(f"both {name}_file and {name}_env are set: kleidi reads the {name} from "
+                                       "one place", fix=f"keep one of {name}_file and {name}_env, and remove the other")
+                raise InvalidValue(f"neither {name}_file nor {name}_env is set: kleidi has no {name} to log in with",
+                                   fix=f"set {name}_file to the file that holds the {name} (or {name}_env to the name "
+                                   "of the environment variable)")
+        return self
+
+
+class VaultJWTAuth(Settings):
+    """JWT auth: a JWT read from a file (e.g. a projected service-account token) is exchanged for a token."""
+
+    method: Literal["jwt"] = "jwt"
+    """Auth method."""
+    mount: str = "jwt"
+    """Path the JWT auth method is mounted at."""
+    role: str = Field(examples=["kleidi"])
+    """Vault role to log in as."""
+    token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    """File holding the JWT; re-read at every login, so a rotated projected token is picked up."""
+
+
+class VaultKubernetesAuth(Settings):
+    """Kubernetes auth: Vault checks the service-account token with the cluster's TokenReview API."""
+
+    method: Literal["kubernetes"] = "kubernetes"
+    """Auth method."""
+    mount: str = "kubernetes"
+    """Path the Kubernetes auth method is mounted at."""
+    role: str = Field(examples=["kleidi"])
+    """Vault role to log in as."""
+    token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    """File holding the service-account JWT; re-read at every login."""
+
+
+class VaultCertAuth(Settings):
+    """TLS certificate auth: the client certificate in `tls` is the credential."""
+
+    method: Literal["cert"] = "cert"
+    """Auth method."""
+    mount: str = "cert"
+    """Path the cert auth method is mounted at."""
+    role: str | None = None
+    """Certificate role to log in as; null lets Vault pick the matching one."""
+
+
+VaultAuthSettings = Annotated[VaultTokenAuth | VaultAppRoleAuth | VaultJWTAuth | VaultKubernetesAuth | VaultCertAuth,
+                              Field(discriminator="method")]
+
+
+class VaultBackendSettings(BackendSettingsBase):
+    """A named key in Vault's or OpenBao's Transit secrets engine wraps the seeds."""
+
+    kind: Literal["vault"] = "vault"
+    """Backend type."""
+
+    # examples: what the fix of a missing required setting shows (validation_problems).
+    address: Url = Field(examples=["https://vault.example.com:8200"])
+    """Server URL, e.g. https://vault.example.com:8200. Never with credentials in it
+    (https://user:password@...): it is shown in logs and Status, so kleidi refuses it; credentials
+    go in `auth`, read from files."""
+
+    namespace: str | None = None
+    """Vault Enterprise / OpenBao namespace (sent as X-Vault-Namespace); null for the root."""
+
+    transit_mount: str = "transit"
+    """Path the Transit secrets engine is mounted at."""
+
+    key: str = Field(examples=["kubernetes"])
+    """Name of the Transit key. Use an AEAD type (aes256-gcm96, the default, or chacha20-poly1305)
+    so that each ciphertext is bound to its key_id and annotations."""
+
+    auth: VaultAuthSettings = Field(examples=[{"method": "token", "token_file": "/etc/kleidi/vault-token"}])
+    """How kleidi logs in. Secrets come from files or environment variables, never from this file."""
+
+    tls: VaultTLSSettings = VaultTLSSettings()
+    """TLS settings for the connection to the server."""
+
+    max_connections: int = Field(default=32, ge=1, le=1024)
+    """Connections kept open to the server and shared by all requests."""
+
+    max_in_flight: int = Field(default=1, ge=1, le=1024)
+    """Transit encrypt (or decrypt) requests kleidi keeps open at once. Calls that arrive while that
+    many are out are sent together, as one batch_input request, when one returns: a burst costs the
+    server a few requests instead of one per call, and a lone call never waits."""
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_path(cls, value: str | None) -> str | None:
+        return value.strip("/") or None if value is not None else None
+
+    @field_validator("transit_mount")
+    @classmethod
+    def _mount_path(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value:
+            raise InvalidValue("transit_mount is empty",
+                               fix="give the path the Transit engine is mounted at, e.g. transit")
+        return value
 
 AEAD_KEY_TYPES = frozenset({"aes128-gcm96", "aes256-gcm96", "chacha20-poly1305", "xchacha20-poly1305"})
 _MAX_ERROR_TEXT = 200  # Vault's error strings are short; never echo a whole body into logs or errors
@@ -449,9 +612,60 @@ class VaultBackend(Backend):
     """Seeds wrapped by a Vault/OpenBao Transit key; Transit key versions are kleidi's KEK versions."""
 
     kind: ClassVar[str] = "vault"
+    settings_model: ClassVar[type[VaultBackendSettings]] = VaultBackendSettings
+    requires: ClassVar[tuple[str, ...]] = ("aiohttp",)
     retired_fix: ClassVar[str] = (
         "if the objects stored under it are still needed, lower the Transit key's min_decryption_version "
         "(vault write <mount>/keys/<key>/config min_decryption_version=N); else delete and re-create them")
+
+    @classmethod
+    def lifecycle_hint(cls, command: str, backend: VaultBackendSettings, version: int | None) -> str | None:
+        """What to run in Vault/OpenBao instead of a local-keyring command."""
+        namespace = f" -namespace={backend.namespace}" if backend.namespace else ""
+        key = f"{backend.transit_mount}/keys/{backend.key}"
+        cli = "vault (or bao for OpenBao)"
+        if command == "rotate":
+            return (f"rotate the Transit key with {cli}: vault write{namespace} -f {key}/rotate; running kleidi "
+                    "servers pick up the new version within backend.refresh_interval")
+        if command == "retire":
+            floor = (version or 1) + 1
+            return (f"raise the Transit key's min_decryption_version with {cli}: vault write{namespace} {key}/config "
+                    f"min_decryption_version={floor} (versions below {floor} stop decrypting)")
+        if command == "keygen":
+            return f"create the Transit key with {cli}: vault write{namespace} -f {key}"
+        return (f"list the Transit key's versions with {cli}: vault read{namespace} {key}; "
+                "`kleidi status --config ...` shows the key_id in use")
+
+    @classmethod
+    def cli_commands(cls) -> list[tuple[str, Any]]:
+        return [("policy", policy_command)]
+
+    @classmethod
+    def file_checks(cls, settings: VaultBackendSettings) -> list[Check]:
+        files = (("token file", getattr(settings.auth, "token_file", None)),
+                 ("secret_id file", getattr(settings.auth, "secret_id_file", None)),
+                 ("client key file", settings.tls.client_key_file or settings.tls.client_cert_file))
+        return [private_file(label, path) for label, path in files if path is not None]
+
+    async def preflight(self, limit: float = 30.0) -> list[Check]:
+        """JWT auth and TLS both need the clocks to agree: compare Vault's Date header with ours."""
+        settings = self.settings
+        ssl_context = _ssl_context(settings) if settings.address.startswith("https:") else None
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.timeout + 3)) as session, \
+                    session.get(f"{settings.address}/v1/sys/health", ssl=ssl_context if ssl_context else True,
+                                server_hostname=settings.tls.server_name) as response:
+                date = response.headers.get("Date")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return [Check("clock skew", FAIL, f"cannot reach {settings.address}: {type(exc).__name__}",
+                          "check backend.address, and that Vault runs and this node reaches it")]
+        if not date:
+            return [Check("clock skew", SKIP, "the server sent no Date header")]
+        skew = parsedate_to_datetime(date).timestamp() - time.time()
+        if abs(skew) > limit:
+            return [Check("clock skew", FAIL, f"this node's clock is {-skew:+.0f}s off the backend's",
+                          "synchronise the clocks (chrony/NTP): JWT and TLS checks fail beyond a small skew")]
+        return [Check("clock skew", PASS, f"{abs(skew):.0f}s (limit {limit:.0f}s)")]
 
     def __init__(self, settings: VaultBackendSettings) -> None:
         self.settings = settings
@@ -638,3 +852,18 @@ path "auth/token/revoke-self" {{
   capabilities = ["update"]
 }}
 '''
+
+
+# -- CLI commands -----------------------------------------------------------------------------------
+
+
+@click.command("vault")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="KLEIDI_CONFIG",
+              help="YAML config file with a vault backend (env KLEIDI_CONFIG).")
+def policy_command(config_file: Path | None) -> None:
+    """The Vault/OpenBao policy for the configured Transit mount and key (HCL)."""
+    settings = load(config_file)
+    if settings.backend.kind != "vault":
+        raise ConfigError(f"backend.kind is {settings.backend.kind!r}; `kleidi policy vault` needs a vault backend",
+                          fix="pass a config whose backend is kind: vault (--config)")
+    click.echo(policy(settings.backend), nl=False)

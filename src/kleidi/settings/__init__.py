@@ -1,0 +1,1 @@
+"""kleidi's settings, by concern (the public entry point is :mod:`kleidi.config`)."""
