@@ -475,6 +475,7 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
         "enable_v1beta1": False,
         "status_version": "v2",
         "shutdown_timeout": 10.0,
+        "envelope_format": 1,
         "authenticate_callers": True,
         "allowed_uids": None,
         "allowed_gids": [],

@@ -21,7 +21,7 @@ def test_header_layout_is_magic_format_key_version() -> None:
     (b"", "too short"),
     (b"\x6b\x01\x00\x00\x00\x01", "too short"),
     (b"\x00\x01\x00\x00\x00\x01xx", "bad magic"),
-    (b"\x6b\x02\x00\x00\x00\x01xx", "envelope format 2"),
+    (b"\x6b\x03\x00\x00\x00\x01xx", "envelope format 3"),
     (b"\x6b\x00\x00\x00\x00\x01xx", "envelope format 0"),
 ])
 def test_parse_refuses_what_it_cannot_read(data: bytes, reason: str) -> None:
@@ -81,3 +81,20 @@ def test_key_id_reveals_no_key_material() -> None:
     key = os.urandom(32)
     key_id = derive_key_id("local", "ring", 1, "t")
     assert key.hex() not in key_id
+
+
+def test_a_format_2_payload_splits_only_when_its_length_is_consistent() -> None:
+    from kleidi._crypto.envelope import new_data_key, open_v2, seal_v2, split_v2
+    from kleidi.errors import DecryptionFailed
+
+    key = new_data_key()
+    payload = seal_v2(key, b"wrapped", b"seed", b"aad")
+    wrapped, sealed = split_v2(payload)
+    assert wrapped == b"wrapped" and open_v2(key, sealed, b"aad") == b"seed"
+    for bad in (b"", b"\x00", b"\x00\x00" + payload[2:], b"\xff\xff" + payload[2:], payload[:20]):
+        with pytest.raises(DecryptionFailed):
+            split_v2(bad)
+    with pytest.raises(DecryptionFailed):
+        open_v2(key, sealed, b"other aad")
+    with pytest.raises(DecryptionFailed):
+        open_v2(key[:16], sealed, b"aad")

@@ -85,6 +85,14 @@ class ServerSettings(Settings):
     shutdown_timeout: Duration = 10.0
     """On SIGTERM/SIGINT, how long in-flight calls may take to finish before they are cancelled."""
 
+    envelope_format: Literal[1, 2] = 1
+    """The envelope format Encrypt writes; every kleidi reads both. 1: the backend binds key_id,
+    annotations and protocol as authenticated data, so the binding is only as good as the backend's
+    (a non-AEAD Transit key, a TPM or an RSA key cannot bind it). 2: kleidi seals the seed itself
+    with AES-256-GCM under a fresh data key bound to them, and the backend wraps only the data key,
+    so every backend gets the same binding. Set 2 once every node runs a kleidi that reads it (this
+    version on): a node that cannot read format 2 fails its Decrypts. Takes effect on restart."""
+
     authenticate_callers: bool = True
     """Check who connects (the kernel's SO_PEERCRED uid/gid of the calling process) against
     allowed_uids and allowed_gids; others get PERMISSION_DENIED, a log line and an audit record.

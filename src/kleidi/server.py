@@ -147,7 +147,7 @@ class Server:
                                    refused_timeout=server_settings.refused_timeout,
                                    refusal_report_interval=server_settings.refusal_report_interval)
         callers = self.gate.caller if self.gate is not None else None
-        envelope_service = EnvelopeService(self.keys)
+        envelope_service = EnvelopeService(self.keys, self.settings.server.envelope_format)
         v2_servicer = KMSv2Servicer(self.keys, envelope_service, server_settings.status_version, callers)
         server.add_generic_rpc_handlers((v2_servicer.handler(),))
         if server_settings.enable_v1beta1:

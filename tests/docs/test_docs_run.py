@@ -132,7 +132,8 @@ UNRUNNABLE: dict[tuple[str, str], str] = {
     ("backends/vault.md", "02:09:29 WARNING Transit key kubernetes was re-created (version creation times changed)"):
         "follows the restore of an older key backup (see the flip-flop guard above)",
     ("backends/vault.md", "Transit key <key> is of type rsa-2048, which cannot bind associated data: ciphertexts "
-                          "are not bound to their key_id and annotations; prefer aes256-gcm96"):
+                          "are not bound to their key_id and annotations; prefer aes256-gcm96, or set "
+                          "server.envelope_format: 2"):
         "a message template (<key>), logged for an RSA key the page does not create",
     ("backends/vault.md", "healthz: Transit key sig is of type ed25519, which cannot encrypt; fix: use an "
                           "aes256-gcm96 key"):

@@ -706,7 +706,8 @@ class VaultBackend(Backend):
         if not self._aead and not self._warned_non_aead:
             self._warned_non_aead = True
             log.warning("Transit key %s is of type %s, which cannot bind associated data: ciphertexts are not "
-                        "bound to their key_id and annotations; prefer aes256-gcm96", self._key, data.get("type"))
+                        "bound to their key_id and annotations; prefer aes256-gcm96, or set server.envelope_format: 2",
+                        self._key, data.get("type"))
         observed = _key_versions(data.get("keys") or {})
         latest = _version(data["latest_version"], "data.latest_version")
         min_decrypt = _version(data.get("min_decryption_version") or 1, "data.min_decryption_version")

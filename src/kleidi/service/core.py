@@ -20,15 +20,19 @@ from kleidi.service.keys import KeyManager
 V2 = "v2"
 V1BETA1 = "v1beta1"
 
-ANNOTATIONS: dict[str, bytes] = {"envelope.kleidi.io": b"1"}
-"""What Encrypt returns (KMS v2): marks the value in etcd as kleidi's, envelope format 1. Stored in
-plaintext by the apiserver and bound into the envelope's authenticated data."""
+def annotations_for(envelope_format: int) -> dict[str, bytes]:
+    """What Encrypt returns (KMS v2): marks the value in etcd as kleidi's, and its envelope format.
+    Stored in plaintext by the apiserver and bound into the envelope's authenticated data."""
+    return {"envelope.kleidi.io": str(envelope_format).encode()}
 
 
-def _annotation_difference(annotations: Mapping[str, bytes]) -> str:
-    missing = sorted(set(ANNOTATIONS) - set(annotations))
-    extra = sorted(set(annotations) - set(ANNOTATIONS))[:4]
-    changed = sorted(k for k in set(ANNOTATIONS) & set(annotations) if annotations[k] != ANNOTATIONS[k])
+ANNOTATIONS = annotations_for(envelope.FORMAT_V1)
+
+
+def _annotation_difference(annotations: Mapping[str, bytes], expected: Mapping[str, bytes]) -> str:
+    missing = sorted(set(expected) - set(annotations))
+    extra = sorted(set(annotations) - set(expected))[:4]
+    changed = sorted(k for k in set(expected) & set(annotations) if annotations[k] != expected[k])
     parts = [f"{label} {', '.join(keys)}" for label, keys in
              (("missing", missing), ("unexpected", [k[:64] for k in extra]), ("changed value of", changed)) if keys]
     return "; ".join(parts)
@@ -42,8 +46,9 @@ class Sealed:
 
 
 class EnvelopeService:
-    def __init__(self, keys: KeyManager) -> None:
+    def __init__(self, keys: KeyManager, envelope_format: int = envelope.FORMAT_V1) -> None:
         self._keys = keys
+        self._format = envelope_format  # what Encrypt writes; Decrypt reads every known format
 
     def _key_set(self) -> KeySet:
         key_set = self._keys.key_set
@@ -55,18 +60,26 @@ class EnvelopeService:
     async def encrypt(self, plaintext: bytes, protocol: str = V2) -> Sealed:
         validation.check_plaintext(plaintext)
         key = self._key_set().current
-        annotations = ANNOTATIONS if protocol == V2 else {}
-        header = envelope.Envelope(envelope.FORMAT_V1, key.version, b"").header()
+        annotations = annotations_for(self._format) if protocol == V2 else {}
+        header = envelope.Envelope(self._format, key.version, b"").header()
         aad = envelope.associated_data(header, protocol, key.key_id, annotations)
-        backend = self._keys.backend
-        payload = await self._keys.call_backend("wrap", lambda: backend.wrap(key, plaintext, aad))
-        if not isinstance(payload, bytes) or not payload:
-            raise BackendUnavailable(f"the {backend.kind} backend returned a malformed ciphertext")
+        if self._format == envelope.FORMAT_V1:
+            payload = await self._wrap(key, plaintext, aad)
+        else:  # kleidi binds the authenticated data itself; the backend wraps only the data key
+            data_key = envelope.new_data_key()
+            payload = envelope.seal_v2(data_key, await self._wrap(key, data_key, aad), plaintext, aad)
         ciphertext = header + payload
         if protocol == V2 and len(ciphertext) > validation.MAX_CIPHERTEXT_SIZE:
             raise InvalidRequest(f"wrapped seed is {len(ciphertext)} bytes, over the apiserver's "
                                  f"{validation.MAX_CIPHERTEXT_SIZE}; send a shorter plaintext")
         return Sealed(ciphertext=ciphertext, key_id=key.key_id, annotations=annotations)
+
+    async def _wrap(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:
+        backend = self._keys.backend
+        payload = await self._keys.call_backend("wrap", lambda: backend.wrap(key, plaintext, aad))
+        if not isinstance(payload, bytes) or not payload or len(payload) > 0xFFFF:
+            raise BackendUnavailable(f"the {backend.kind} backend returned a malformed ciphertext")
+        return payload
 
     def _resolve(self, key_set: KeySet, key_id: str) -> KeyVersion:
         key = key_set.usable.get(key_id)
@@ -84,9 +97,10 @@ class EnvelopeService:
         validation.check_key_id(key_id)
         validation.check_annotations(annotations)
         sealed = envelope.parse(ciphertext)
-        if dict(annotations) != ANNOTATIONS:
+        expected = annotations_for(sealed.format)
+        if dict(annotations) != expected:
             raise InvalidRequest(f"annotations differ from the ones kleidi returned at Encrypt: "
-                                 f"{_annotation_difference(annotations)}")
+                                 f"{_annotation_difference(annotations, expected)}")
         try:
             key = self._resolve(self._key_set(), key_id)
         except UnknownKey:
@@ -96,7 +110,16 @@ class EnvelopeService:
         if sealed.key_version != key.version:
             raise DecryptionFailed()
         aad = envelope.associated_data(sealed.header(), V2, key_id, annotations)
-        return await self._unwrap(key, sealed.payload, aad)
+        return await self._open(key, sealed, aad)
+
+    async def _open(self, key: KeyVersion, sealed: envelope.Envelope, aad: bytes) -> bytes:
+        if sealed.format == envelope.FORMAT_V1:
+            return await self._unwrap(key, sealed.payload, aad)
+        wrapped_data_key, sealed_seed = envelope.split_v2(sealed.payload)
+        seed = envelope.open_v2(await self._unwrap(key, wrapped_data_key, aad), sealed_seed, aad)
+        if not 0 < len(seed) <= validation.MAX_PLAINTEXT_SIZE:
+            raise DecryptionFailed()
+        return seed
 
     async def _unwrap(self, key: KeyVersion, payload: bytes, aad: bytes) -> bytes:
         backend = self._keys.backend
@@ -117,4 +140,4 @@ class EnvelopeService:
                                  "longer be decrypted", fix=self._keys.backend.retired_fix)
             raise UnknownKey(f"no KEK version {sealed.key_version} in this kleidi's {self._keys.backend.kind} backend")
         aad = envelope.associated_data(sealed.header(), V1BETA1, key.key_id, {})
-        return await self._unwrap(key, sealed.payload, aad)
+        return await self._open(key, sealed, aad)
