@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from kleidi._crypto.keyid import derive_key_id
 from kleidi.checks import Check
 
 FileStamp = tuple[int, int, int, int]
@@ -46,6 +47,13 @@ class KeyVersion:
     """The opaque id reported to the apiserver (see :func:`kleidi._crypto.keyid.derive_key_id`)."""
     version: int
     """The backend's version number; stored in the envelope header (0 .. 2**32-1)."""
+
+    @classmethod
+    def derive(cls, backend: str, identity: str, version: int, created: str) -> KeyVersion:
+        """The one way a backend makes its key versions: from what it reports about the key (which
+        key, within which store: ``identity``; its ``version``; when that version was ``created``,
+        so that a key re-created under the same name never repeats a key_id)."""
+        return cls(derive_key_id(backend, identity, version, created), version)
 
 
 @dataclass(frozen=True)

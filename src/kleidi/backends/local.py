@@ -32,7 +32,6 @@ from typing import Any, ClassVar, Literal
 import click
 
 from kleidi._crypto import aead
-from kleidi._crypto.keyid import derive_key_id
 from kleidi.backends.base import Backend, FileStamp, KeySet, KeyVersion, stat_stamp
 from kleidi.checks import FAIL, PASS, Check
 from kleidi.cli_support import KeyVersionType, config_options, load, output_option, print_table
@@ -89,7 +88,7 @@ class Keyring:
 
     def key_id(self, version: int) -> str:
         entry = self.versions[version]
-        return derive_key_id(LocalBackend.kind, self.keyring_id, version, entry.created)
+        return KeyVersion.derive(LocalBackend.kind, self.keyring_id, version, entry.created).key_id
 
     def key_set(self, generation: object = None) -> KeySet:
         usable = {self.key_id(v): KeyVersion(self.key_id(v), v)

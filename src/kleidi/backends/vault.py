@@ -41,7 +41,6 @@ except ImportError:  # pragma: no cover - exercised by tests/test_cli_extras.py 
     aiohttp = None  # type: ignore[assignment]
 
 from kleidi import audit, telemetry
-from kleidi._crypto.keyid import derive_key_id
 from kleidi.backends.base import MAX_PLAINTEXT_SIZE, Backend, FileStamp, KeySet, KeyVersion, file_stamp
 from kleidi.backends.batching import Coalescer
 from kleidi.checks import FAIL, PASS, SKIP, Check, private_file
@@ -687,7 +686,7 @@ class VaultBackend(Backend):
         return f"vault {self.settings.address}{ns} transit key {self._mount}/{self._key}"
 
     def _key_version(self, version: int) -> KeyVersion:
-        return KeyVersion(derive_key_id(self.kind, self._identity, version, self._created[version]), version)
+        return KeyVersion.derive(self.kind, self._identity, version, self._created[version])
 
     async def load_keys(self, force: bool = False) -> KeySet:
         await self.client.reload_tls_if_changed(force)
