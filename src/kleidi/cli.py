@@ -56,21 +56,18 @@ def _first_sentence(text: str) -> str:
     return text if end < 0 else text[:end + 1]
 
 
-class _Command(click.Command):
+class _WholeFirstSentence(click.Command):
     """Lists itself in ``kleidi --help`` by its whole first sentence: click would cut it at 45 characters."""
 
     def get_short_help_str(self, limit: int = 45) -> str:
         return self.short_help or _first_sentence(self.help or "")
 
 
-class _Group(click.Group):
+class _Group(_WholeFirstSentence, click.Group):
     """Turns kleidi errors into a message, its fix and an exit code, never a traceback."""
 
-    command_class = _Command
+    command_class = _WholeFirstSentence
     group_class = type  # subgroups are _Groups too
-
-    def get_short_help_str(self, limit: int = 45) -> str:
-        return self.short_help or _first_sentence(self.help or "")
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

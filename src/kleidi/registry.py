@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import typing
 from importlib.metadata import entry_points
-from types import ModuleType
 from typing import Any, NamedTuple
 
 from kleidi import __version__
@@ -32,16 +30,6 @@ def missing_extra(kind: str, module: str | None = None) -> ConfigError:
         f"the {kind} backend needs the optional dependencies of kleidi[{kind}]{what}",
         fix=f"pip install 'kleidi[{kind}]' (from a checkout: pip install '/path/to/kleidi[{kind}]'; from a wheel: "
             f"pip install 'kleidi-{__version__}-py3-none-any.whl[{kind}]')")
-
-
-def import_backend_module(kind: str, module: str) -> ModuleType:
-    """Import a backend's module (e.g. for its CLI helpers), turning a missing extra into its error."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        if (exc.name or "kleidi").partition(".")[0] == "kleidi":
-            raise  # kleidi's own module is missing: a broken install, not a missing extra
-        raise missing_extra(kind, exc.name) from None
 
 
 def registered_class(kind: str) -> type[Backend]:

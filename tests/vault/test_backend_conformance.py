@@ -14,20 +14,24 @@ from tests.vault import kleidi_vault
 from tests.vault.openbao import OpenBao, unique
 
 
-def _settings(server: OpenBao, key: str, workdir: Path) -> VaultBackendSettings:
-    auth = kleidi_vault.approle_auth(server, key, workdir, token_ttl="1h")
-    return VaultBackendSettings.model_validate(kleidi_vault.backend(server, key, auth, timeout="2s"))
+class _OnAKeyOf:
+    """A new Transit key on ``server`` and AppRole credentials for it; backends made on them."""
 
-
-class TestVaultBackend(BackendConformance):
-    @pytest.fixture(autouse=True)
-    def _key(self, openbao: OpenBao, short_dir: Path) -> None:
-        self.server = openbao
-        self.key = openbao.create_key(unique("conformance"), "aes256-gcm96")
-        self.settings = _settings(openbao, self.key, short_dir)
+    def use(self, server: OpenBao, workdir: Path) -> None:
+        self.server = server
+        self.key = server.create_key(unique("conformance"), "aes256-gcm96")
+        auth = kleidi_vault.approle_auth(server, self.key, workdir, token_ttl="1h")
+        self.settings = VaultBackendSettings.model_validate(kleidi_vault.backend(server, self.key, auth,
+                                                                                timeout="2s"))
 
     def make_backend(self) -> VaultBackend:
         return VaultBackend(self.settings)
+
+
+class TestVaultBackend(_OnAKeyOf, BackendConformance):
+    @pytest.fixture(autouse=True)
+    def _key(self, openbao: OpenBao, short_dir: Path) -> None:
+        self.use(openbao, short_dir)
 
     def rotate(self) -> None:
         self.server.rotate_key(self.key)
@@ -36,15 +40,10 @@ class TestVaultBackend(BackendConformance):
         self.server.set_min_decryption_version(self.key, version + 1)
 
 
-class TestVaultOutage(OutageConformance):
+class TestVaultOutage(_OnAKeyOf, OutageConformance):
     @pytest.fixture(autouse=True)
     def _key(self, fresh_openbao: OpenBao, short_dir: Path) -> None:
-        self.server = fresh_openbao
-        self.key = fresh_openbao.create_key(unique("outage"), "aes256-gcm96")
-        self.settings = _settings(fresh_openbao, self.key, short_dir)
-
-    def make_backend(self) -> VaultBackend:
-        return VaultBackend(self.settings)
+        self.use(fresh_openbao, short_dir)  # a server of its own: the outage stops it
 
     @contextlib.contextmanager
     def outage(self) -> Iterator[None]:

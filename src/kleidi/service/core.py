@@ -26,8 +26,6 @@ def annotations_for(envelope_format: int) -> dict[str, bytes]:
     return {"envelope.kleidi.io": str(envelope_format).encode()}
 
 
-ANNOTATIONS = annotations_for(envelope.FORMAT_V1)
-
 
 def _annotation_difference(annotations: Mapping[str, bytes], expected: Mapping[str, bytes]) -> str:
     missing = sorted(set(expected) - set(annotations))

@@ -23,15 +23,6 @@ from pydantic_core import PydanticCustomError
 from kleidi.durations import format_duration, parse_duration
 from kleidi.errors import InvalidValue
 
-MAX_DURATION = 30 * 24 * 3600.0
-"""No interval or timeout of kleidi's needs more than 30 days; a larger one (or inf) is a typo."""
-
-
-def parse_duration_setting(value: Any) -> Any:
-    # The one parser of Go durations, shared with every CLI flag; a bare number is refused with its fix.
-    return parse_duration(value, MAX_DURATION)
-
-
 _MODE_RE = re.compile(r"(?:0o)?([0-7]{3,4})")
 MODE_FIX = 'write it as a quoted octal string such as "0600"'
 
@@ -65,7 +56,7 @@ def safe_socket_mode(mode: int) -> int:
 # The JSON Schema describes what a config file may hold (numbers or strings with a unit, octal
 # strings), not the parsed value: without WithJsonSchema pydantic emits the post-validation type
 # and non-standard "gt"/"ge"/"le" keywords.
-Duration = Annotated[float, BeforeValidator(parse_duration_setting),
+Duration = Annotated[float, BeforeValidator(parse_duration),  # at most durations.MAX_SECONDS
                      Field(gt=0, json_schema_extra={"x-kleidi-type": "duration"}),
                      # Written out (config check, the schema's defaults) as a file must write it.
                      PlainSerializer(format_duration, return_type=str, when_used="json"),
