@@ -17,7 +17,10 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
 fi
 extras=""
-[ "$profile" = test ] && extras="[test]"
+if [ "$profile" = test ]; then
+  extras="[test]"
+  "$root/scripts/system-packages.sh"  # SoftHSM2, swtpm; libtss2-dev before pip builds tpm2-pytss
+fi
 stamp="$venv/.kleidi-installed-$profile"
 want=$(cat "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)
 # the test profile installs everything the runtime one does

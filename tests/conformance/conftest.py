@@ -1,16 +1,17 @@
-"""The plugin under test for the conformance suite. Each backend supplies one ``plugin`` fixture
-variant; the tests themselves only speak KMS v2 over the socket, as kube-apiserver does."""
+"""The plugin under test for the conformance suite, once per backend (tests/backend_harness.py); the
+tests themselves only speak KMS v2 over the socket, as kube-apiserver does."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import KleidiProcess, run_kleidi
+from tests.backend_harness import BackendUnderTest, backend_params
+from tests.conftest import KleidiProcess
 
 
 @dataclass
@@ -30,53 +31,17 @@ class PluginUnderTest:
         return getattr(self.proc, name)
 
 
-def _local_plugin(kleidi_factory: Any) -> PluginUnderTest:
-    proc: KleidiProcess = kleidi_factory("kleidi")
-    keyring = str(proc.keyring)
-
-    def rotate() -> None:
-        result = run_kleidi("rotate", "--keyring", keyring)
-        assert result.returncode == 0, result.stderr
-
-    def retire(key_id: str) -> None:
-        listing = json.loads(run_kleidi("keys", "--keyring", keyring, "--output", "json").stdout)
-        version = next(v["version"] for v in listing["versions"] if v["key_id"] == key_id)
-        result = run_kleidi("retire", str(version), "--yes", "--keyring", keyring)
-        assert result.returncode == 0, result.stderr
+@pytest.fixture(params=backend_params())
+def plugin(request: pytest.FixtureRequest, kleidi_factory: Any, short_dir: Path) -> Iterator[PluginUnderTest]:
+    """kleidi on each backend (tests/backend_harness.py), and a peer on the same key material."""
+    backend: BackendUnderTest = request.param(request, short_dir)
+    proc: KleidiProcess = kleidi_factory("kleidi", create_keyring=False, backend=backend.config)
 
     def start_peer() -> KleidiProcess:
-        peer: KleidiProcess = kleidi_factory("peer", keyring=proc.keyring)
+        peer: KleidiProcess = kleidi_factory("peer", create_keyring=False, backend=backend.config)
         return peer
 
-    return PluginUnderTest(proc=proc, rotate=rotate, retire=retire, start_peer=start_peer)
-
-
-def _vault_plugin(kleidi_factory: Any, request: pytest.FixtureRequest) -> PluginUnderTest:
-    """kleidi on a real OpenBao Transit key, logged in with a token limited to `kleidi policy vault`."""
-    from tests.vault import kleidi_vault
-    from tests.vault.openbao import unique
-
-    server = request.getfixturevalue("openbao")
-    key = server.create_key(unique("conformance"))
-    workdir = request.getfixturevalue("short_dir")
-    config = kleidi_vault.backend(server, key, kleidi_vault.token_auth(server, key, workdir))
-    proc: KleidiProcess = kleidi_factory("kleidi", create_keyring=False, backend=config)
-
-    def retire(key_id: str) -> None:
-        version = int(key_id.split(":")[2].removeprefix("v"))
-        server.set_min_decryption_version(key, version + 1)
-
-    def start_peer() -> KleidiProcess:
-        peer: KleidiProcess = kleidi_factory("peer", create_keyring=False, backend=config)
-        return peer
-
-    return PluginUnderTest(proc=proc, rotate=lambda: server.rotate_key(key) and None, retire=retire,
-                           start_peer=start_peer)
-
-
-@pytest.fixture(params=["local", "vault"])
-def plugin(request: pytest.FixtureRequest, kleidi_factory: Any) -> Iterator[PluginUnderTest]:
-    under_test = _local_plugin(kleidi_factory) if request.param == "local" else _vault_plugin(kleidi_factory, request)
+    under_test = PluginUnderTest(proc=proc, rotate=backend.rotate, retire=backend.retire, start_peer=start_peer)
     yield under_test
     # Nothing secret in the log: no seed this test sent may appear in any encoding.
     log = under_test.proc.log()

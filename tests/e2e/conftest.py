@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.backend_harness import BackendUnderTest, backend_params
 from tests.conftest import KleidiProcess, keygen, run_kleidi
 from tests.e2e.cluster import Etcd, KubeAPIServer, kube_apiserver_binary
 
@@ -96,41 +95,10 @@ def cluster(control_plane: ControlPlane) -> Any:
     return control_plane, kleidi, api
 
 
-@dataclass
-class KEKControls:
-    """Backend-side KEK operations: rotate to a new version; retire the version behind a key_id."""
-
-    rotate: Callable[[], None]
-    retire: Callable[[str], None]
-
-
-@pytest.fixture(params=["local", "vault"])
+@pytest.fixture(params=backend_params())
 def any_backend_cluster(request: pytest.FixtureRequest, control_plane: ControlPlane) -> Any:
-    """The quickstart's set-up with the local backend, and again with a real OpenBao Transit key."""
-    if request.param == "local":
-        kleidi = control_plane.kleidi()
-        keyring = str(kleidi.keyring)
-
-        def retire_local(key_id: str) -> None:
-            listing = json.loads(run_kleidi("keys", "--keyring", keyring, "--output", "json").stdout)
-            version = next(v["version"] for v in listing["versions"] if v["key_id"] == key_id)
-            assert run_kleidi("retire", str(version), "--yes", "--keyring", keyring).returncode == 0
-
-        controls = KEKControls(rotate=lambda: _ok(run_kleidi("rotate", "--keyring", keyring)), retire=retire_local)
-    else:
-        from tests.vault import kleidi_vault
-        from tests.vault.openbao import unique
-
-        server = request.getfixturevalue("openbao")
-        key = server.create_key(unique("e2e"))
-        kleidi = control_plane.kleidi(backend=kleidi_vault.backend(
-            server, key, kleidi_vault.token_auth(server, key, control_plane.workdir)))
-        controls = KEKControls(
-            rotate=lambda: server.rotate_key(key) and None,
-            retire=lambda key_id: server.set_min_decryption_version(key, int(key_id.split(":")[2][1:]) + 1))
+    """The quickstart's set-up on each backend (tests/backend_harness.py): kleidi, then an apiserver."""
+    backend: BackendUnderTest = request.param(request, control_plane.workdir)
+    kleidi = control_plane.kleidi(backend=backend.config)
     api = control_plane.apiserver(config=control_plane.encryption_config(kleidi))
-    return control_plane, kleidi, api, controls
-
-
-def _ok(result: Any) -> None:
-    assert result.returncode == 0, result.stderr
+    return control_plane, kleidi, api, backend

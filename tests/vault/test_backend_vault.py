@@ -10,8 +10,21 @@ import pytest
 
 from kleidi.backends.vault import VaultBackend, VaultBackendSettings
 from kleidi.testing.backend import BackendConformance, OutageConformance
+from tests.backend_harness import BackendUnderTest
 from tests.vault import kleidi_vault
 from tests.vault.openbao import OpenBao, unique
+
+
+def backend_under_test(request: pytest.FixtureRequest, workdir: Path) -> BackendUnderTest:
+    """A new Transit key on the shared OpenBao, used with a token limited to `kleidi policy vault`."""
+    server: OpenBao = request.getfixturevalue("openbao")
+    key = server.create_key(unique("plugin"))
+    config = kleidi_vault.backend(server, key, kleidi_vault.token_auth(server, key, workdir))
+
+    def retire(key_id: str) -> None:
+        server.set_min_decryption_version(key, int(key_id.split(":")[2].removeprefix("v")) + 1)
+
+    return BackendUnderTest(config, lambda: server.rotate_key(key) and None, retire)
 
 
 class _OnAKeyOf:
