@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from kleidi import config
+from kleidi import config, registry
 from kleidi.backends.local import LocalBackendSettings
 from kleidi.backends.vault import VaultBackendSettings, VaultTLSSettings
+from kleidi.settings.fields import models_in, tag_of
 
 SRC = Path(__file__).parents[1] / "src" / "kleidi"
 
@@ -88,13 +89,24 @@ def _sections() -> Iterator[tuple[str, type[BaseModel], Build]]:
         model = config.KleidiSettings.model_fields[name].annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
         yield name, model, lambda field, value, name=name: {name: {field: value}}
-    yield "backend", LocalBackendSettings, lambda f, v: {"backend": {"kind": "local", f: v}}
-    yield "backend", VaultBackendSettings, lambda f, v: {"backend": {**VAULT, f: v}}
+    for kind, backend in registry.settings_models().items():  # every installed backend, new ones included
+        required = VAULT if kind == "vault" else _required_examples(backend)
+        yield "backend", backend, lambda f, v, r=required: {"backend": {**r, f: v}}
     yield "backend.tls", VaultTLSSettings, lambda f, v: {"backend": {**VAULT, "tls": {f: v}}}
-    for model in config._models(VaultBackendSettings.model_fields["auth"].annotation):
-        method = str(config._tag(model))
+    for model in models_in(VaultBackendSettings.model_fields["auth"].annotation):
+        method = str(tag_of(model))
         yield "backend.auth", model, lambda f, v, m=method: {
             "backend": {**VAULT, "auth": {"method": m, **AUTH_REQUIRED[m], f: v}}}
+
+
+def _required_examples(model: type[BaseModel]) -> dict[str, Any]:
+    """A backend section with only its required settings, each set to its documented example."""
+    values: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        if info.is_required():
+            assert info.examples, f"{model.__name__}.{name} is required: give it an example (Field(examples=...))"
+            values[name] = info.examples[0]
+    return values
 
 
 def _words(text: str | None) -> str:
@@ -148,7 +160,7 @@ def test_unknown_fields_and_missing_required_settings_render_their_fix() -> None
         assert problem.message == "required, and not set" and problem.fix.startswith("set it, e.g. `")
         _check(problem, None)
     (tag,) = _rendered({"backend": {"kind": "hsm"}})
-    assert tag.where == "backend.kind" and tag.fix == "use one of: local, vault"
+    assert tag.where == "backend.kind" and tag.fix == f"use one of: {', '.join(sorted(registry.available()))}"
 
 
 def test_a_typo_suggests_only_fields_of_the_chosen_backend() -> None:

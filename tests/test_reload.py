@@ -148,7 +148,7 @@ def test_a_sighup_during_a_file_triggered_reload_waits_for_it(short_dir: Path) -
                                      "server.endpoint": f"unix://{short_dir}/unused.sock"}, environ={})
     server = Server(first, reload_settings=next_settings)
     running, most, applied = 0, 0, []
-    tried = server._tried_backend
+    tried = server.reloader.tried_backend
 
     async def slow_tried_backend(settings: Any) -> Any:
         nonlocal running, most
@@ -162,7 +162,7 @@ def test_a_sighup_during_a_file_triggered_reload_waits_for_it(short_dir: Path) -
         finally:
             running -= 1
 
-    server._tried_backend = slow_tried_backend  # type: ignore[method-assign]
+    server.reloader.tried_backend = slow_tried_backend  # type: ignore[method-assign]
 
     async def scenario() -> list[bool]:
         outcomes = await asyncio.gather(server.reload_config(), server.reload_config())

@@ -10,8 +10,9 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from kleidi.config import ENV_PREFIX, ENV_SEPARATOR, KleidiSettings, _models
+from kleidi.config import ENV_PREFIX, ENV_SEPARATOR, KleidiSettings
 from kleidi.durations import format_duration
+from kleidi.settings.fields import models_in
 
 _INTRO = """\
 # Configuration reference
@@ -94,7 +95,7 @@ def _render(model: type[BaseModel], prefix: tuple[str, ...], level: int, out: li
         path = (*prefix, name)
         dotted = ".".join(path)
         description = " ".join((info.description or "").split())
-        members = _models(info.annotation)
+        members = models_in(info.annotation)
         heading = "#" * min(level, 6)
         if len(members) == 1:
             out.append(f"\n{heading} `{dotted}`\n\n{description}\n")
