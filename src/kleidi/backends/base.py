@@ -57,6 +57,19 @@ class KeyVersion:
 
 
 @dataclass(frozen=True)
+class UnboundAAD:
+    """Why a backend's unwrap cannot check the authenticated data (key_id, annotations, protocol).
+
+    Envelope format 1 relies on the backend for that binding; format 2 binds it in kleidi itself, so
+    the service warns only under format 1."""
+
+    what: str
+    """The key that cannot bind it, e.g. "Transit key k is of type rsa-2048"."""
+    instead: str | None = None
+    """What to use instead in the backend, e.g. "prefer aes256-gcm96"."""
+
+
+@dataclass(frozen=True)
 class KeySet:
     """The backend's keys at one moment."""
 
@@ -68,6 +81,8 @@ class KeySet:
     """Versions that existed but can no longer unwrap, by key_id (kept so errors can say "retired")."""
     generation: object = None
     """Changes whenever the backend's key material changes (e.g. the keyring file's identity)."""
+    unbound_aad: UnboundAAD | None = None
+    """Set when unwrap cannot authenticate ``aad`` (see :class:`UnboundAAD`); None when it does."""
 
 
 class Backend(ABC):

@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - exercised by tests/test_cli_extras.py 
     aiohttp = None  # type: ignore[assignment]
 
 from kleidi import audit, telemetry
-from kleidi.backends.base import MAX_PLAINTEXT_SIZE, Backend, FileStamp, KeySet, KeyVersion, file_stamp
+from kleidi.backends.base import MAX_PLAINTEXT_SIZE, Backend, FileStamp, KeySet, KeyVersion, UnboundAAD, file_stamp
 from kleidi.backends.batching import Coalescer
 from kleidi.checks import FAIL, PASS, SKIP, Check, private_file
 from kleidi.cli_support import load
@@ -676,7 +676,6 @@ class VaultBackend(Backend):
         self._created: dict[int, str] = {}  # every version seen: version -> creation time
         self._highest_latest = 0
         self._rollback_floor = 0  # after a rollback: the version the key must pass before it is trusted again
-        self._warned_non_aead = False
         # Under load, concurrent wraps (or unwraps) leave together as one batch_input request.
         self._encrypts = Coalescer(self._encrypt_batch, settings.max_in_flight)
         self._decrypts = Coalescer(self._decrypt_batch, settings.max_in_flight)
@@ -702,11 +701,6 @@ class VaultBackend(Backend):
                                      fix="use an aes256-gcm96 key")
         key_type = data.get("type")
         self._aead = isinstance(key_type, str) and key_type in AEAD_KEY_TYPES
-        if not self._aead and not self._warned_non_aead:
-            self._warned_non_aead = True
-            log.warning("Transit key %s is of type %s, which cannot bind associated data: ciphertexts are not "
-                        "bound to their key_id and annotations; prefer aes256-gcm96, or set server.envelope_format: 2",
-                        self._key, data.get("type"))
         observed = _key_versions(data.get("keys") or {})
         latest = _version(data["latest_version"], "data.latest_version")
         min_decrypt = _version(data.get("min_decryption_version") or 1, "data.min_decryption_version")
@@ -731,8 +725,10 @@ class VaultBackend(Backend):
         versions = [self._key_version(v) for v in sorted(self._created)]
         usable = {k.key_id: k for k in versions if min_decrypt <= k.version <= latest}
         retired = {k.key_id: k for k in versions if k.version < min_decrypt}
+        unbound = None if self._aead else UnboundAAD(f"Transit key {self._key} is of type {key_type}",
+                                                     "prefer aes256-gcm96")
         self._key_set = KeySet(current=self._key_version(latest), usable=usable, retired=retired,
-                               generation=(tuple(sorted(observed.items())), latest, min_decrypt))
+                               generation=(tuple(sorted(observed.items())), latest, min_decrypt), unbound_aad=unbound)
         return self._key_set
 
     async def wrap(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:

@@ -33,7 +33,8 @@ class Server:
         self.settings = settings
         self.backend = backend if backend is not None else create_backend(settings.backend)
         b = settings.backend
-        self.keys = KeyManager(self.backend, b.refresh_interval, b.probe_interval, call_timeout=b.timeout)
+        self.keys = KeyManager(self.backend, b.refresh_interval, b.probe_interval, call_timeout=b.timeout,
+                               binds_aad_itself=settings.server.envelope_format >= 2)
         self.listener = KmsListener(settings.server, self.keys)
         self.endpoint = self.listener.endpoint
         self.health = HealthEndpoints(settings.telemetry, self.endpoint, self.keys)

@@ -49,8 +49,10 @@ class KeyManager:
     """
 
     def __init__(self, backend: Backend, refresh_interval: float, probe_interval: float,
-                 call_timeout: float) -> None:
+                 call_timeout: float, binds_aad_itself: bool = False) -> None:
         self.backend = backend
+        self.binds_aad_itself = binds_aad_itself
+        """The envelope binds the authenticated data in kleidi (format 2): no backend needs to."""
         self.refresh_interval = refresh_interval
         self.probe_interval = probe_interval
         self.call_timeout = call_timeout
@@ -137,6 +139,11 @@ class KeyManager:
             log.info("current KEK: key_id %s (version %d)", key_set.current.key_id, key_set.current.version,
                      extra={"fields": {"key_id": key_set.current.key_id,
                                        "previous_key_id": previous.current.key_id if previous else None}})
+        unbound = key_set.unbound_aad
+        if unbound is not None and not self.binds_aad_itself and (previous is None or previous.unbound_aad != unbound):
+            log.warning("%s, which cannot bind associated data: ciphertexts are not bound to their key_id and "
+                        "annotations; %sset server.envelope_format: 2", unbound.what,
+                        f"{unbound.instead}, or " if unbound.instead else "")
         for key_id in sorted(set(key_set.retired) - set(previous.retired if previous else key_set.retired)):
             audit.note("key_retired", key_id=key_id, backend=self.backend.kind)
         if key_set.generation != self._probed_generation or (recovered and self._probe_error is not None):
