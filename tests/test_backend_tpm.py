@@ -312,7 +312,7 @@ def test_the_docs_config_example_is_valid() -> None:
     from kleidi.config import load_settings
 
     text = DOCS.read_text()
-    example = re.search(r"<!-- config example -->\s*```yaml\n(.*?)```", text, re.S)
+    example = re.search(r"<!-- doc-test: config -->\s*```yaml\n(.*?)```", text, re.S)
     assert example is not None, "docs/backends/tpm.md lost its config example"
     with contextlib.chdir(DOCS.parent):
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kleidi-tpm-doc-{os.getpid()}.yaml"

@@ -60,8 +60,8 @@ from tpm2_pytss.types import (
 
 CLEARED_FIX = f"this TPM was cleared or is another TPM; re-enrol this node from another node ({DOCS})"
 PCR_MESSAGE = "the PCR values changed (secure boot state?) since the key was created, so the TPM refuses to use it"
-PCR_FIX = (f"re-enrol this node from another node, or restore the PCR values (boot configuration); see "
-           f"{DOCS}#pcr-binding")
+PCR_FIX = ("boot the configuration the key was bound to; if the change is meant to stay, re-enrol this node from "
+           f"another node whose versions are bound to the new values, or rotate after restoring ({DOCS}#pcr-binding)")
 
 # The commands and algorithms each mechanism needs (preflight checks them with GetCapability).
 COMMON_COMMANDS = ("CreatePrimary", "Create", "Load", "LoadExternal", "StartAuthSession", "PolicyOR",
