@@ -16,16 +16,18 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
 from kleidi.backends.base import FileStamp, KeySet, KeyVersion, stat_stamp
+from kleidi.backends.batching import Coalescer
 from kleidi.backends.threaded import ThreadedBackend
 from kleidi.backends.tpm.store import DOCS, RETIRED, KekEntry, KeyStore, check_store_file, read_store, tpm_lock_path
 from kleidi.checks import FAIL, PASS, Check, private_file
-from kleidi.errors import ConfigError, InvalidValue, KeyringError, KleidiError, RetiredKey
+from kleidi.errors import BackendUnavailable, ConfigError, InvalidValue, KeyringError, KleidiError, RetiredKey
 from kleidi.settings.types import BackendSettingsBase
 
 if TYPE_CHECKING:
@@ -124,6 +126,23 @@ def check_primary(store: KeyStore, primary_public: bytes) -> None:
         raise KeyringError("the TPM's storage primary is not the one this key store was made under", fix=CLEARED_FIX)
 
 
+Call = tuple[KeyVersion, bytes, bytes]
+"""One wrap or unwrap: the key version, the plaintext or payload, the aad."""
+
+
+def _fresh(result: bytes | KleidiError) -> bytes | KleidiError:
+    """The same result for another caller; an error as a new instance, never one shared between raises."""
+    if isinstance(result, KleidiError):
+        return type(result)(result.message, result.fix)
+    return result
+
+
+def _result(result: bytes | KleidiError) -> bytes:
+    if isinstance(result, KleidiError):
+        raise result
+    return result
+
+
 class TpmBackend(ThreadedBackend):
     """KEK versions in this node's TPM, listed by its key store file (re-read whenever it changes)."""
 
@@ -137,6 +156,10 @@ class TpmBackend(ThreadedBackend):
         # unwraps every stored seed at once, a few milliseconds each.
         super().__init__(workers=1, queue=512)
         self.settings = settings
+        # Calls that arrive while the TPM is busy go in one transaction: one storage primary and one key
+        # load for the lot, and identical unwraps (an apiserver restart's burst) cost one TPM command.
+        self._wraps: Coalescer[Call, bytes] = Coalescer(self._wrap_batch, max_in_flight=1, max_batch=256)
+        self._unwraps: Coalescer[Call, bytes] = Coalescer(self._unwrap_batch, max_in_flight=1, max_batch=256)
         self._tpm: Tpm | None = None
         self._store: KeyStore | None = None
         self._key_set: KeySet | None = None
@@ -169,21 +192,59 @@ class TpmBackend(ThreadedBackend):
             raise RetiredKey(f"key_id {key.key_id} (tpm version {key.version}) has been retired", fix=RETIRED_FIX)
         return entry
 
-    def wrap_blocking(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:
-        from kleidi.backends.tpm.device import seal
+    async def wrap(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:
+        return await self._wraps.submit((key, plaintext, aad))
 
-        entry = self._entry(key)
-        with self._device().transaction() as tx:
-            primary, _ = tx.primary()
-            return seal(tx, primary, entry, plaintext, aad)
+    async def unwrap(self, key: KeyVersion, payload: bytes, aad: bytes) -> bytes:
+        return await self._unwraps.submit((key, payload, aad))
+
+    async def _wrap_batch(self, calls: Sequence[Call]) -> list[bytes | KleidiError]:
+        return await self._run(self._batch_blocking, "seal", calls)
+
+    async def _unwrap_batch(self, calls: Sequence[Call]) -> list[bytes | KleidiError]:
+        return await self._run(self._batch_blocking, "open", calls)
+
+    def wrap_blocking(self, key: KeyVersion, plaintext: bytes, aad: bytes) -> bytes:
+        return _result(self._batch_blocking("seal", [(key, plaintext, aad)])[0])
 
     def unwrap_blocking(self, key: KeyVersion, payload: bytes, aad: bytes) -> bytes:
-        from kleidi.backends.tpm.device import open_sealed
+        return _result(self._batch_blocking("open", [(key, payload, aad)])[0])
 
-        entry = self._entry(key)
-        with self._device().transaction() as tx:
-            primary, _ = tx.primary()
-            return open_sealed(tx, primary, entry, payload, aad)
+    def _batch_blocking(self, operation: str, calls: Sequence[Call]) -> list[bytes | KleidiError]:
+        """Seal or open every call in one TPM transaction; one result or error per call, in order."""
+        from kleidi.backends.tpm.device import open_sealed, seal
+
+        results: list[bytes | KleidiError | None] = [None] * len(calls)
+        by_version: dict[int, list[int]] = {}
+        for index, (key, _, _) in enumerate(calls):
+            try:
+                self._entry(key)
+                by_version.setdefault(key.version, []).append(index)
+            except KleidiError as exc:
+                results[index] = exc
+        try:
+            with self._device().transaction() as tx:
+                primary, _ = tx.primary()
+                for indexes in by_version.values():
+                    entry = self._entry(calls[indexes[0]][0])
+                    kek = tx.load_kek(primary, entry)
+                    done: dict[tuple[bytes, bytes], bytes | KleidiError] = {}
+                    for index in indexes:
+                        _, data, aad = calls[index]
+                        if operation == "open" and (data, aad) in done:  # the same payload: the same answer
+                            results[index] = _fresh(done[data, aad])
+                            continue
+                        try:
+                            results[index] = (seal if operation == "seal" else open_sealed)(tx, kek, entry, data, aad)
+                        except KleidiError as exc:
+                            results[index] = exc
+                        done[data, aad] = results[index]  # type: ignore[assignment]
+                    tx.flush(kek)
+        except KleidiError as exc:  # the TPM, the primary or a key load failed: every call left gets it
+            for index, result in enumerate(results):
+                if result is None:
+                    results[index] = _fresh(exc)
+        return [r if r is not None else BackendUnavailable("the TPM call was not made") for r in results]
 
     def close_blocking(self) -> None:
         if self._tpm is not None:

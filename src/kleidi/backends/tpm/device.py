@@ -11,6 +11,9 @@ duplicated, always encryptedDuplication so a duplicate is wrapped for a named ne
 
 * use: PolicyCommandCode(EncryptDecrypt2 or RSA_Decrypt) [+ PolicyPCR(values at creation)] + PolicyAuthValue
 * duplicate: PolicyCommandCode(Duplicate) + PolicySecret(owner hierarchy)
+
+A key without PCR binding also has userWithAuth, so that a use costs one command (its auth value in a
+password session) instead of five; duplication needs a policy session whatever the attributes say.
 """
 
 from __future__ import annotations
@@ -222,13 +225,17 @@ class Transaction:
 
     def _policy_session(self, entry: KekEntry, use: bool) -> Any:
         session = self._session(trial=False)
-        with self.step("policy" if use else "duplicate", pcr_bound=bool(entry.pcrs)):
-            if use:
-                self._use_branch(session, entry.mechanism, entry.pcrs, entry.pcr_bank)
-            else:
-                self._duplicate_branch(session)
-            self.esapi.policy_or(session, TPML_DIGEST([bytes.fromhex(entry.policy[0]),
-                                                       bytes.fromhex(entry.policy[1])]))
+        try:
+            with self.step("policy" if use else "duplicate", pcr_bound=bool(entry.pcrs)):
+                if use:
+                    self._use_branch(session, entry.mechanism, entry.pcrs, entry.pcr_bank)
+                else:
+                    self._duplicate_branch(session)
+                self.esapi.policy_or(session, TPML_DIGEST([bytes.fromhex(entry.policy[0]),
+                                                           bytes.fromhex(entry.policy[1])]))
+        except BaseException:
+            self.flush(session)  # three session slots: never keep a failed one
+            raise
         return session
 
     # -- key versions -----------------------------------------------------------------------------
@@ -244,6 +251,8 @@ class Transaction:
         else:
             template = TPM2B_PUBLIC.parse("rsa2048:oaep-sha256:null", objectAttributes=_KEK_ATTRIBUTES)
         template.publicArea.authPolicy = authorize
+        if not pcrs:  # no PCR binding: the auth value alone authorizes a use (duplication still needs the policy)
+            template.publicArea.objectAttributes |= TPMA_OBJECT.USERWITHAUTH
         sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=TPM2B_AUTH(self.tpm.auth.key)))
         with self.step("create"):
             private, public, *_ = self.esapi.create(primary, sensitive, template)
@@ -263,26 +272,35 @@ class Transaction:
         self.esapi.tr_set_auth(handle, self.tpm.auth.key)
         return handle
 
+    @contextlib.contextmanager
+    def _use_authorization(self, entry: KekEntry) -> Iterator[Any]:
+        """The session that authorizes a use of the key: its auth value alone (userWithAuth) for a key
+        without PCR binding, one command per use; else a policy session, flushed after the use."""
+        if not entry.pcrs:
+            yield ESYS_TR.PASSWORD
+            return
+        session = self._policy_session(entry, use=True)
+        try:
+            yield session
+        finally:
+            self.flush(session)
+
     def encrypt_data_key(self, kek: Any, entry: KekEntry, data_key: bytes) -> bytes:
         if entry.mechanism == "aes-cfb":
             iv = os.urandom(AES_IV_SIZE)
-            session = self._policy_session(entry, use=True)
-            with self.step("encrypt"):
+            with self._use_authorization(entry) as session, self.step("encrypt"):
                 out, _ = self.esapi.encrypt_decrypt_2(kek, False, TPM2_ALG.CFB, iv, data_key, session1=session)
-            self.flush(session)
             return iv + bytes(out)
         with self.step("encrypt"):  # a public-key operation: no authorization
             return bytes(self.esapi.rsa_encrypt(kek, data_key, _OAEP, OAEP_LABEL))
 
     def decrypt_data_key(self, kek: Any, entry: KekEntry, wrapped: bytes) -> bytes:
-        session = self._policy_session(entry, use=True)
-        with self.step("decrypt"):
+        with self._use_authorization(entry) as session, self.step("decrypt"):
             if entry.mechanism == "aes-cfb":
                 out, _ = self.esapi.encrypt_decrypt_2(kek, True, TPM2_ALG.CFB, wrapped[:AES_IV_SIZE],
                                                       wrapped[AES_IV_SIZE:], session1=session)
             else:
                 out = self.esapi.rsa_decrypt(kek, wrapped, _OAEP, OAEP_LABEL, session1=session)
-        self.flush(session)
         return bytes(out)
 
     # -- enrolment --------------------------------------------------------------------------------
@@ -296,10 +314,12 @@ class Transaction:
         kek = self.load_kek(primary, entry)
         try:
             session = self._policy_session(entry, use=False)
-            with self.step("duplicate"):
-                inner, duplicate, seed = self.esapi.duplicate(kek, new_parent, TPM2B_DATA(), _INNER_WRAP,
-                                                              session1=session)
-            self.flush(session)
+            try:
+                with self.step("duplicate"):
+                    inner, duplicate, seed = self.esapi.duplicate(kek, new_parent, TPM2B_DATA(), _INNER_WRAP,
+                                                                  session1=session)
+            finally:
+                self.flush(session)
         finally:  # three object slots: the primary, the new parent and this key
             self.flush(kek)
             self.flush(new_parent)
@@ -372,11 +392,10 @@ class Tpm:
                 tx.flush_all()
 
 
-def seal(tx: Transaction, primary: Any, entry: KekEntry, plaintext: bytes, aad: bytes) -> bytes:
-    """A fresh data key seals ``plaintext`` (AES-256-GCM, binding ``aad``); the TPM key encrypts the data key."""
+def seal(tx: Transaction, kek: Any, entry: KekEntry, plaintext: bytes, aad: bytes) -> bytes:
+    """A fresh data key seals ``plaintext`` (AES-256-GCM, binding ``aad``); the TPM key ``kek`` (loaded
+    from ``entry``) encrypts the data key."""
     data_key = aead.new_key()
-    kek = tx.load_kek(primary, entry)
-    tx.flush(primary)  # the key stays loaded without its parent: one slot less for the session
     wrapped = tx.encrypt_data_key(kek, entry, data_key)
     return bytes([PAYLOAD_TAG[entry.mechanism]]) + wrapped + aead.seal(data_key, plaintext, aad)
 
@@ -385,13 +404,11 @@ def wrapped_key_size(mechanism: str) -> int:
     return AES_IV_SIZE + aead.KEY_SIZE if mechanism == "aes-cfb" else RSA_CIPHERTEXT_SIZE
 
 
-def open_sealed(tx: Transaction, primary: Any, entry: KekEntry, payload: bytes, aad: bytes) -> bytes:
+def open_sealed(tx: Transaction, kek: Any, entry: KekEntry, payload: bytes, aad: bytes) -> bytes:
     """Inverse of :func:`seal`; anything but this key's untampered payload and aad is DecryptionFailed."""
     size = wrapped_key_size(entry.mechanism)
     if len(payload) < 1 + size + aead.OVERHEAD or payload[0] != PAYLOAD_TAG[entry.mechanism]:
         raise DecryptionFailed()
-    kek = tx.load_kek(primary, entry)
-    tx.flush(primary)
     data_key = tx.decrypt_data_key(kek, entry, payload[1:1 + size])
     if len(data_key) != aead.KEY_SIZE:
         raise DecryptionFailed()
