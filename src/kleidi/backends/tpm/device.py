@@ -276,7 +276,9 @@ class Transaction:
     def _use_authorization(self, entry: KekEntry) -> Iterator[Any]:
         """The session that authorizes a use of the key: its auth value alone (userWithAuth) for a key
         without PCR binding, one command per use; else a policy session, flushed after the use."""
-        if not entry.pcrs:
+        assert entry.public is not None
+        public, _ = TPM2B_PUBLIC.unmarshal(entry.public)
+        if public.publicArea.objectAttributes & TPMA_OBJECT.USERWITHAUTH:  # what the key says, not the settings
             yield ESYS_TR.PASSWORD
             return
         session = self._policy_session(entry, use=True)
