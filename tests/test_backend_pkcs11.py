@@ -212,8 +212,8 @@ def test_a_pin_file_readable_by_others_is_refused(token: SoftToken) -> None:
 
 def test_the_pin_may_come_from_an_environment_variable(token: SoftToken, monkeypatch: pytest.MonkeyPatch) -> None:
     token.rotate()
-    monkeypatch.setenv("KLEIDI_TEST_HSM_PIN", USER_PIN)
-    assert _run(_use(token.backend(pin_file=None, pin_env="KLEIDI_TEST_HSM_PIN"))) == b"s" * 32
+    monkeypatch.setenv("TEST_HSM_PIN", USER_PIN)
+    assert _run(_use(token.backend(pin_file=None, pin_env="TEST_HSM_PIN"))) == b"s" * 32
 
 
 def test_a_token_without_the_key_says_how_to_create_it(token: SoftToken) -> None:
@@ -336,6 +336,22 @@ def test_an_outage_before_the_first_load_is_unavailable_not_a_config_error(token
         _run(_use(token.backend()))
 
 
+def test_a_version_retired_since_the_last_refresh_is_reported_retired(token: SoftToken) -> None:
+    token.rotate()
+    token.rotate()
+
+    async def scenario(backend: Pkcs11Backend) -> None:
+        keys = await backend.load_keys(force=True)
+        first = next(k for k in keys.usable.values() if k.version == 1)
+        payload = await backend.wrap(first, b"r" * 32, AAD)
+        token.retire(1)  # on the token; this backend has not refreshed yet
+        with pytest.raises(RetiredKey):
+            await backend.unwrap(first, payload, AAD)
+        await backend.close()
+
+    _run(scenario(token.backend()))
+
+
 def test_settings_need_one_token_selector_and_one_pin_source(token: SoftToken) -> None:
     for overrides in ({"token_serial": "123"}, {"token_label": None}, {"pin_env": "PIN"}, {"pin_file": None},
                       {"pin_file": None, "pin_env": "1234"}):
@@ -407,11 +423,10 @@ def test_doctor_checks_the_pin_file_and_the_library(token: SoftToken, tmp_path: 
 # -- the docs page --------------------------------------------------------------------------------------
 
 
-def test_the_docs_config_examples_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_docs_config_examples_load(tmp_path: Path) -> None:
     blocks = re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), re.S)
     configs = [block for block in blocks if "kind: pkcs11" in block]
     assert configs
-    monkeypatch.setenv("KLEIDI_HSM_PIN", "x")
     for number, block in enumerate(configs):
         path = tmp_path / f"config-{number}.yaml"
         path.write_text(block)
@@ -427,4 +442,5 @@ def test_the_docs_list_every_error_the_backend_can_raise() -> None:
                    "has two key objects labelled", "does not support", "the user PIN is", "has no user PIN yet"):
         assert phrase in source, phrase
         assert phrase in page, phrase
+
 

@@ -416,6 +416,10 @@ class _Library:
         return self._logins.get(token.serial)
 
 
+def _retired(key: KeyVersion) -> RetiredKey:
+    return RetiredKey(f"key_id {key.key_id} (pkcs11 version {key.version}) has been retired", fix=RETIRED_FIX)
+
+
 # -- the backend ------------------------------------------------------------------------------------------
 
 
@@ -623,6 +627,10 @@ class Pkcs11Backend(ThreadedBackend):
                 Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: version.object_id,
                 Attribute.LABEL: _version_label(self.settings.key_label, version.version)}))
             if len(found) != 1:
+                label = _version_label(self.settings.key_label, version.version)
+                if any(session.handle.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label,
+                                                   Attribute.APPLICATION: RETIRED_APPLICATION})):
+                    raise _retired(version.key)  # retired since the last scan
                 raise p11.ObjectHandleInvalid()  # gone since the last scan: scan again after a reconnect
             key = session.keys[cache_key] = found[0]
         return key
@@ -630,8 +638,7 @@ class Pkcs11Backend(ThreadedBackend):
     def _version(self, key: KeyVersion) -> _Version:
         version = self._usable.get(key.version)
         if version is None or version.key.key_id != key.key_id:
-            raise RetiredKey(f"key_id {key.key_id} (pkcs11 version {key.version}) has been retired",
-                             fix=RETIRED_FIX)
+            raise _retired(key)
         return version
 
     # -- the blocking Backend methods --------------------------------------------------------------------
