@@ -199,6 +199,11 @@ def test_a_wrong_pin_is_a_config_error_that_names_where_the_pin_comes_from(token
         _run(_use(token.backend()))
     assert "refused the user PIN" in caught.value.message and str(token.pin_file) in (caught.value.fix or "")
     assert "not-the-pin" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:  # the token is not asked again: it would lock the PIN
+        _run(_use(token.backend()))
+    assert "refused the user PIN before" in caught.value.message
+    token.pin_file.write_text(USER_PIN)
+    assert _run(_use(token.backend())) == b"s" * 32
 
 
 def test_a_pin_file_readable_by_others_is_refused(token: SoftToken) -> None:
@@ -437,7 +442,8 @@ def test_the_docs_config_examples_load(tmp_path: Path) -> None:
 def test_the_docs_list_every_error_the_backend_can_raise() -> None:
     source = (Path(__file__).parents[1] / "src" / "kleidi" / "backends" / "pkcs11.py").read_text()
     page = DOCS.read_text()
-    for phrase in ("refused the user PIN", "has no usable version of key", "is extractable or not sensitive",
+    for phrase in ("refused the user PIN", "refused the user PIN before",
+                   "has no usable version of key", "is extractable or not sensitive",
                    "has no CKA_ID", "no token", "cannot load", "failed to initialise", "is not an AES-256 key",
                    "has two key objects labelled", "does not support", "the user PIN is", "has no user PIN yet"):
         assert phrase in source, phrase

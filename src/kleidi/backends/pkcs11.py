@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -218,12 +219,20 @@ class _CiphertextRejected(Exception):
     """The token refused to decrypt a payload (the cause is a pkcs11 exception)."""
 
 
+class _PinRefusedBefore(Exception):
+    """The PIN kleidi would log in with is one the token already refused: not tried again."""
+
+
 def _kleidi_error(exc: Exception, settings: Pkcs11BackendSettings, operation: str) -> KleidiError:
     """A new kleidi error for a pkcs11 exception (never a shared instance; nothing secret in it)."""
     name = type(exc).__name__
     where = f"token {_token_name(settings)}"
     if isinstance(exc, _CiphertextRejected):
         return DecryptionFailed()
+    if isinstance(exc, _PinRefusedBefore):
+        return ConfigError(f"{where} refused the user PIN before; kleidi does not try the same PIN again (a token "
+                           "locks the PIN after a few wrong tries)",
+                           fix=f"put the token's user PIN in {_pin_source(settings)}")
     if isinstance(exc, p11.PinIncorrect | p11.PinInvalid | p11.PinLenRange):
         return ConfigError(f"{where} refused the user PIN ({name})",
                            fix=f"put the token's user PIN in {_pin_source(settings)}")
@@ -355,6 +364,7 @@ class _Library:
         self._logins: dict[bytes, Any] = {}  # token serial -> the session that logged in
         self._login_lock = threading.Lock()
         self._hold_off_until = 0.0
+        self._refused_pins: set[bytes] = set()  # sha256(serial, PIN) of PINs the token refused
 
     @classmethod
     def of(cls, path: Path) -> _Library:
@@ -398,8 +408,16 @@ class _Library:
         with self._login_lock:
             if token.serial in self._logins:
                 return
+            value = pin()
+            digest = hashlib.sha256(token.serial + b"\0" + value.encode()).digest()
+            if digest in self._refused_pins:
+                raise _PinRefusedBefore()
             try:
-                self._logins[token.serial] = token.open(user_pin=pin())
+                self._logins[token.serial] = token.open(user_pin=value)
+            except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange):
+                # Every refresh would try again, and the token would lock the PIN: remember it (hashed).
+                self._refused_pins.add(digest)
+                raise
             except p11.UserAlreadyLoggedIn:
                 # Logged in by code outside this registry. python-pkcs11 leaves that attempt's session
                 # open: one handle, until the library is re-initialised.
@@ -532,7 +550,7 @@ class Pkcs11Backend(ThreadedBackend):
                     if session is not None:
                         self._checkin(session)
                     raise
-                except (p11.PKCS11Error, _CiphertextRejected) as exc:
+                except (p11.PKCS11Error, _CiphertextRejected, _PinRefusedBefore) as exc:
                     failure = exc
                 else:
                     self._checkin(session)
