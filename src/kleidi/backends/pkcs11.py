@@ -531,10 +531,12 @@ class Pkcs11Backend(ThreadedBackend):
         for session in idle:
             self._close_session(session)
 
-    @staticmethod
-    def _close_session(session: _Session) -> None:
-        with contextlib.suppress(p11.PKCS11Error):
-            session.handle.close()  # opened without a PIN: closing logs nobody out
+    def _close_session(self, session: _Session) -> None:
+        """Close a session, under the library's shared lock. Not one from before a re-initialisation:
+        its handle number may belong to a new session by now."""
+        if session.generation == self._library.generation:
+            with contextlib.suppress(p11.PKCS11Error):
+                session.handle.close()  # opened without a PIN: closing logs nobody out
 
     def _on_token(self, operation: str, work: Callable[[_Session], T]) -> T:
         """``work`` on a session of the pool, reconnecting (and logging in) as the token needs."""
@@ -555,17 +557,17 @@ class Pkcs11Backend(ThreadedBackend):
                 else:
                     self._checkin(session)
                     return result
-            kind = _classify(failure)
-            if kind == LOGGED_OUT and session is not None:
-                session.keys.clear()  # handles of private objects may not survive a logout
-                self._checkin(session)
-                self._library.logged_out(self._token)
-                continue
-            if kind != STALE or attempt == 2:
-                break
-            if session is not None:
-                self._close_session(session)
-            self._forget_token()
+                kind = _classify(failure)
+                if kind == LOGGED_OUT and session is not None:
+                    session.keys.clear()  # handles of private objects may not survive a logout
+                    self._checkin(session)
+                    self._library.logged_out(self._token)
+                    continue
+                if kind != STALE or attempt == 2:
+                    break
+                if session is not None:
+                    self._close_session(session)
+                self._forget_token()
             if attempt == 1:  # reopening the token did not help: only re-initialising the library may
                 self._library.reset(generation)
         assert failure is not None
@@ -744,9 +746,8 @@ class Pkcs11Backend(ThreadedBackend):
     def close_blocking(self) -> None:
         with self._pool_lock:
             idle, self._idle = self._idle, []
-        generation = self._library.generation
-        for session in idle:
-            if session.generation == generation:
+        with self._library.lock.shared():
+            for session in idle:
                 self._close_session(session)
         self._usable, self._retired = {}, {}
 
