@@ -357,6 +357,20 @@ def test_a_version_retired_since_the_last_refresh_is_reported_retired(token: Sof
     _run(scenario(token.backend()))
 
 
+def test_the_session_pool_is_the_worker_pool(token: SoftToken) -> None:
+    token.rotate()
+    backend = token.backend(sessions=3)
+    assert backend._workers == 3  # one session per worker thread: no call waits for a session it cannot get
+
+    async def scenario() -> None:
+        key = (await backend.load_keys(force=True)).current
+        await asyncio.gather(*(backend.wrap(key, b"p" * 32, AAD) for _ in range(50)))
+        assert len(backend._idle) <= 3
+        await backend.close()
+
+    _run(scenario())
+
+
 def test_settings_need_one_token_selector_and_one_pin_source(token: SoftToken) -> None:
     for overrides in ({"token_serial": "123"}, {"token_label": None}, {"pin_env": "PIN"}, {"pin_file": None},
                       {"pin_file": None, "pin_env": "1234"}):
