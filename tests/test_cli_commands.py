@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import kleidi
+from kleidi import registry
 from kleidi.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 from tests.conftest import keygen, run_kleidi
 from tests.support import free_port
@@ -119,9 +120,23 @@ def test_every_machine_readable_command_takes_output_json(tmp_path: Path, short_
         text = _ok(run_kleidi(*args))
         if name != "config check":  # its text output is YAML, where [] is an empty list
             assert not PYTHON_VALUES.search(text.stdout), f"{name}: {text.stdout}"
-    # Every command with --output offers the same choices.
-    offering = {path for path, command in _commands(main) for p in command.params if "--output" in p.opts}
-    assert offering == set(commands), offering
+    # Every command with --output (the backends' own included) offers the same choices, the same way.
+    outputs = {path: p for path, command in _commands(main) for p in command.params if "--output" in p.opts}
+    assert set(commands) <= set(outputs), set(outputs)
+    for path, option in outputs.items():
+        assert option.opts == ["--output", "-o"] and list(option.type.choices) == ["text", "json"], path
+
+
+def _commands_with_owner(group: Any, contributed: dict[int, str], prefix: str = "",
+                         owner: str | None = None) -> list[tuple[str, Any, str | None]]:
+    """Every command under ``group``, with the backend whose cli_commands added it (or its group)."""
+    found = []
+    for name, command in group.commands.items():
+        path = f"{prefix} {name}".strip()
+        mine = contributed.get(id(command), owner)
+        found += (_commands_with_owner(command, contributed, path, mine) if hasattr(command, "commands")
+                  else [(path, command, mine)])
+    return found
 
 
 def _commands(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -428,13 +443,19 @@ def test_what_config_check_prints_is_a_config_kleidi_accepts(tmp_path: Path) -> 
 
 
 def test_docs_cli_md_documents_every_command_and_flag() -> None:
-    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    """Core commands in docs/cli.md; a backend's own commands in cli.md or in its page, docs/backends/<kind>.md."""
+    docs = Path(__file__).parents[1] / "docs"
+    text = (docs / "cli.md").read_text()
+    contributed = {id(command): kind for kind in registry.available()
+                   for _, command in registry.registered_class(kind).cli_commands()}
     missing = []
-    for path, command in [("", main), *_commands(main)]:
-        if path and f"kleidi {path}" not in text:
+    for path, command, owner in [("", main, None), *_commands_with_owner(main, contributed)]:
+        page = docs / "backends" / f"{owner}.md"
+        where = text + (page.read_text() if owner and page.exists() else "")
+        if path and f"kleidi {path}" not in where:
             missing.append(f"kleidi {path}")
         for param in command.params:
             for opt in param.opts + param.secondary_opts:
-                if opt.startswith("-") and f"`{opt}" not in text:
+                if opt.startswith("-") and f"`{opt}" not in where:
                     missing.append(f"kleidi {path} {opt}".replace("  ", " "))
     assert not missing, "docs/cli.md does not mention: " + ", ".join(missing)

@@ -90,7 +90,7 @@ def _sections() -> Iterator[tuple[str, type[BaseModel], Build]]:
         assert isinstance(model, type) and issubclass(model, BaseModel)
         yield name, model, lambda field, value, name=name: {name: {field: value}}
     for kind, backend in registry.settings_models().items():  # every installed backend, new ones included
-        required = VAULT if kind == "vault" else _required_examples(backend)
+        required = VAULT if kind == "vault" else {"kind": kind, **_required_examples(backend)}
         yield "backend", backend, lambda f, v, r=required: {"backend": {**r, f: v}}
     yield "backend.tls", VaultTLSSettings, lambda f, v: {"backend": {**VAULT, "tls": {f: v}}}
     for model in models_in(VaultBackendSettings.model_fields["auth"].annotation):

@@ -28,8 +28,8 @@ from kleidi import __version__
 from kleidi.cli_support import (
     Duration,
     DurationType,
+    backend_flags,
     config_option,
-    config_options,
     load,
     output_option,
     print_table,
@@ -110,26 +110,23 @@ def main() -> None:
 
 
 @main.command()
-@config_options
+@config_option
+@backend_flags("serve")
 @click.option("--endpoint", help="Socket to listen on, unix:///path or unix:///@name (server.endpoint).")
-@click.option("--create-keyring", is_flag=True, default=None,
-              help="Create the local keyring if it is missing (backend.create_if_missing); nothing is created if "
-                   "start-up fails.")
 @click.option("--enable-v1beta1", is_flag=True, default=None, help="Also serve KMS v1 (server.enable_v1beta1).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Lowest level logged; debug adds one line per request (logging.level, default info).")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]),
               help="json: one object per line; console: for people; auto: console on a terminal, else json "
                    "(logging.format, default auto).")
-def serve(config_file: Path | None, keyring: Path | None, endpoint: str | None, create_keyring: bool | None,
+def serve(config_file: Path | None, backend_overrides: dict[str, Any], endpoint: str | None,
           enable_v1beta1: bool | None, log_level: str | None, log_format: str | None) -> None:
     """Serve KMS v2 to kube-apiserver until SIGTERM or SIGINT. SIGHUP, or a change to the config
     file, reloads the config and keys."""
     from kleidi import logs, server
 
     overrides = {"server.endpoint": endpoint, "server.enable_v1beta1": enable_v1beta1,
-                 "backend.keyring": keyring, "backend.create_if_missing": create_keyring,
-                 "logging.level": log_level, "logging.format": log_format}
+                 "logging.level": log_level, "logging.format": log_format, **backend_overrides}
     settings = load(config_file, **overrides)
     logs.configure(settings.logging.level, settings.logging.format)
     server.serve(settings, reload_settings=lambda: load(config_file, **overrides), watch=config_file)
@@ -324,16 +321,17 @@ def config_docs() -> None:
 
 
 @config.command("check")
-@config_options
+@config_option
+@backend_flags("config check")
 @output_option
-def config_check(config_file: Path | None, keyring: Path | None, output: str) -> None:
+def config_check(config_file: Path | None, backend_overrides: dict[str, Any], output: str) -> None:
     """Validate the settings (file, environment, flags) and that the backend can be loaded; print what
     kleidi would use."""
     import yaml
 
     from kleidi.registry import backend_class
 
-    settings = load(config_file, **{"backend.keyring": keyring})
+    settings = load(config_file, **backend_overrides)
     backend_class(settings.backend.kind)  # a config whose backend cannot even be imported cannot run
     source = str(config_file) if config_file is not None else "the defaults and environment"
     dumped = settings.model_dump(mode="json")

@@ -17,24 +17,37 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def config_options(func: F) -> F:
-    """--config and --keyring, shared by every command that reads the settings."""
-
-    @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-                  envvar="KLEIDI_CONFIG", help="YAML config file (env KLEIDI_CONFIG).")
-    @click.option("--keyring", type=click.Path(dir_okay=False, path_type=Path),
-                  help="Local backend keyring file (overrides backend.keyring).")
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
 def config_option(func: F) -> F:
-    """--config alone, for commands that read settings but never a keyring."""
+    """--config, on every command that reads the settings."""
     return click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
                         envvar="KLEIDI_CONFIG", help="YAML config file (env KLEIDI_CONFIG).")(func)
+
+
+def backend_flags(command: str) -> Callable[[F], F]:
+    """Add every installed backend's flags for ``command`` (e.g. the local backend's ``--keyring`` on
+    ``serve``) to a core command. Each flag sets ``backend.<its name>``; the command receives them all
+    as one ``backend_overrides`` mapping, so the core never names a backend's settings."""
+
+    def decorate(func: F) -> F:
+        from kleidi.registry import available, registered_class
+
+        options: dict[str, click.Option] = {}
+        for kind in sorted(available()):
+            for option in registered_class(kind).setting_flags(command):
+                assert option.name is not None
+                if option.name in options:  # a second backend may not redefine a flag's meaning
+                    raise RuntimeError(f"two backends define the flag for backend.{option.name}")
+                options[option.name] = option
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            overrides = {f"backend.{name}": kwargs.pop(name) for name in options}
+            return func(*args, backend_overrides=overrides, **kwargs)
+
+        wrapper.__click_params__ = [*getattr(func, "__click_params__", []), *reversed(options.values())]  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def output_option(func: F) -> F:

@@ -144,6 +144,12 @@ class Backend(ABC):
         return []
 
     @classmethod
+    def setting_flags(cls, command: str) -> list[Any]:
+        """Flags (click options) this backend adds to the core ``command`` (``serve``, ``config check``);
+        each option's name is the backend setting it overrides (``keyring`` sets ``backend.keyring``)."""
+        return []
+
+    @classmethod
     def lifecycle_hint(cls, command: str, settings: Any, version: int | None) -> str | None:
         """What to run instead of another backend's key command (``rotate``, ``retire``, ``keygen``,
         ``keys``) under this backend's config; None if there is nothing specific to say."""

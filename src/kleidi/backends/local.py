@@ -23,22 +23,23 @@ import os
 import stat
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import click
 
 from kleidi._crypto import aead
 from kleidi.backends.base import Backend, FileStamp, KeySet, KeyVersion, stat_stamp
 from kleidi.checks import FAIL, PASS, Check
-from kleidi.cli_support import KeyVersionType, config_options, load, output_option, print_table
+from kleidi.cli_support import KeyVersionType, config_option, load, output_option, print_table
 from kleidi.errors import ConfigError, InvalidRequest, KeyringError, KleidiError, RetiredKey
 from kleidi.settings.types import BackendSettingsBase
 
 log = logging.getLogger("kleidi.backends.local")
+F = TypeVar("F", bound=Callable[..., Any])
 
 FORMAT = "kleidi-keyring"
 FORMAT_VERSION = 1
@@ -328,6 +329,15 @@ class LocalBackend(Backend):
     def cli_commands(cls) -> list[tuple[str, Any]]:
         return [("", command) for command in _COMMANDS]
 
+    @classmethod
+    def setting_flags(cls, command: str) -> list[Any]:
+        flags = [_keyring_flag()]
+        if command == "serve":
+            flags.append(click.Option(["--create-keyring", "create_if_missing"], is_flag=True, default=None,
+                                      help="Create the local keyring if it is missing (backend.create_if_missing); "
+                                           "nothing is created if start-up fails."))
+        return flags
+
     def __init__(self, settings: LocalBackendSettings) -> None:
         self._path = settings.keyring
         self._create_if_missing = settings.create_if_missing  # at the first load: no I/O in the constructor
@@ -395,8 +405,19 @@ def _local_keyring_path(config_file: Path | None, keyring: Path | None, command:
     return path
 
 
+def _keyring_flag() -> click.Option:
+    return click.Option(["--keyring"], type=click.Path(dir_okay=False, path_type=Path),
+                        help="Local backend keyring file (overrides backend.keyring).")
+
+
+def keyring_options(func: F) -> F:
+    """--config and --keyring, on every command of the keyring's lifecycle."""
+    func.__click_params__ = [*getattr(func, "__click_params__", []), _keyring_flag()]  # type: ignore[attr-defined]
+    return config_option(func)
+
+
 @click.command()
-@config_options
+@keyring_options
 def keygen(config_file: Path | None, keyring: Path | None) -> None:
     """Create a new local keyring (mode 0600) with one KEK version."""
     path = _local_keyring_path(config_file, keyring, "keygen")
@@ -406,7 +427,7 @@ def keygen(config_file: Path | None, keyring: Path | None) -> None:
 
 
 @click.command()
-@config_options
+@keyring_options
 def rotate(config_file: Path | None, keyring: Path | None) -> None:
     """Add a new KEK version to the local keyring and make it current."""
     path = _local_keyring_path(config_file, keyring, "rotate")
@@ -418,7 +439,7 @@ def rotate(config_file: Path | None, keyring: Path | None) -> None:
 
 
 @click.command()
-@config_options
+@keyring_options
 @click.argument("version", type=KeyVersionType())
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def retire(config_file: Path | None, keyring: Path | None, version: int, yes: bool) -> None:
@@ -436,7 +457,7 @@ def retire(config_file: Path | None, keyring: Path | None, version: int, yes: bo
 
 
 @click.command()
-@config_options
+@keyring_options
 @output_option
 def keys(config_file: Path | None, keyring: Path | None, output: str) -> None:
     """List the local keyring's versions and their key_ids (no key material)."""
