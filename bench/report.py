@@ -9,6 +9,28 @@ from bench.targets import Target, evaluate, find_row
 OP_TITLE = {"status": "Status", "encrypt": "Encrypt", "decrypt": "Decrypt"}
 
 
+
+# Measured by hand while the TPM backend was written; bench/ does not drive the hardware backends yet.
+HARDWARE_BACKENDS = """\
+## Hardware backends (measured by hand, not yet in bench/)
+
+Sequential calls straight through each backend (no gRPC), 32-byte seeds, 200 calls after 10 warm-up
+calls, on the 2-core test machine (2026-12-02). These were measured with a one-off script while the
+backends were written; the bench harness (bench/targets.py) does not run these backends yet, so
+they are not part of this run's tables and `scripts/bench.sh` does not reproduce them.
+
+| backend | Encrypt p50 / p99 | Decrypt p50 / p99 |
+|---|---|---|
+| tpm, `mechanism: aes-cfb`, swtpm 0.7.1 | 2.5 ms / 7.0 ms | 2.5 ms / 6.9 ms |
+| tpm, `mechanism: rsa-oaep`, swtpm 0.7.1 | 3.5 ms / 6.8 ms | 6.1 ms / 11.1 ms |
+
+A hardware TPM is far slower than swtpm (see [backends/tpm.md](backends/tpm.md#performance)).
+Status makes no TPM (or other backend) call whatever the backend: the service layer answers it from
+the key state refreshed in the background, and never calls the backend for it
+(tests/test_status_is_cheap.py counts backend calls with a local backend; the service code it
+exercises is the same for every backend). Envelope format 2 adds one AES-256-GCM seal of the seed in kleidi (a few
+microseconds) to every call; its effect on the socket-level numbers above has not been measured yet."""
+
 def _fmt(value: float, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
@@ -205,6 +227,7 @@ def render(results: dict[str, Any]) -> str:
             b = totals[i] if i < len(totals) else {"function": "", "percent": ""}
             w(f"| `{a['function']}` | {a['percent']} | | `{b['function']}` | {b['percent']} |")
         w("")
+    w(HARDWARE_BACKENDS)
     w("## What was tried to make kleidi faster\n")
     w("Measured by hand on the same machine while the harness was built (2026-11-23), with the same load "
       "generator; not part of this run's figures, and noisy (another job shared the machine).\n")
