@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import click
 
@@ -117,15 +117,8 @@ class Keyring:
     def retire(self, version: int) -> KeyEntry:
         """Destroy a version's key material; ciphertexts wrapped with it can no longer be decrypted."""
         entry = self.versions.get(version)
-        if entry is None:
-            raise InvalidRequest(f"keyring has no version {version}",
-                                 fix="give a version that `kleidi keys` lists")
-        if version == self.current:
-            raise InvalidRequest(f"version {version} is current",
-                                 fix="rotate first (`kleidi rotate`), re-encrypt, then retire it")
-        if entry.state == RETIRED:
-            raise InvalidRequest(f"version {version} is already retired",
-                                 fix="check the version: `kleidi keys` lists the ones still active")
+        check_retirable(version, entry.state if entry else None, self.current, "keyring", "kleidi")
+        assert entry is not None
         entry.state, entry.key, entry.retired = RETIRED, None, _now()
         return entry
 
@@ -212,17 +205,37 @@ def check_file_safety(path: Path) -> os.stat_result:
     return st
 
 
-def read_keyring(path: Path) -> tuple[Keyring, os.stat_result]:
-    st = check_file_safety(path)
+def read_private_file(path: Path, what: str,
+                      check: Callable[[Path], os.stat_result] = check_file_safety) -> tuple[str, os.stat_result]:
+    """The text of a key file (``what``: "keyring") once ``check`` found it safe, and its stat."""
+    st = check(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise KeyringError(f"keyring {path} cannot be read: {exc.strerror}",
+        raise KeyringError(f"{what} {path} cannot be read: {exc.strerror}",
                            fix="let kleidi's user read it (it should own the file, mode 0600)") from None
+    return text, st
+
+
+def read_keyring(path: Path) -> tuple[Keyring, os.stat_result]:
+    text, st = read_private_file(path, "keyring")
     return Keyring.from_json(text, path), st
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def check_retirable(version: int, state: str | None, current: int, store: str, commands: str) -> None:
+    """What every store of key versions checks before retiring one (``state`` None: no such version);
+    ``commands`` is how its key commands start (``kleidi``, ``kleidi tpm``)."""
+    if state is None:
+        raise InvalidRequest(f"{store} has no version {version}", fix=f"give a version that `{commands} keys` lists")
+    if version == current:
+        raise InvalidRequest(f"version {version} is current",
+                             fix=f"rotate first (`{commands} rotate`), re-encrypt, then retire it")
+    if state == RETIRED:
+        raise InvalidRequest(f"version {version} is already retired",
+                             fix=f"check the version: `{commands} keys` lists the ones still active")
+
+
+def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -243,7 +256,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked_file(path: Path) -> Iterator[None]:
     lock_path = path.with_name(f".{path.name}.lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
@@ -256,22 +269,35 @@ def _locked(path: Path) -> Iterator[None]:
 def create_keyring(path: Path) -> Keyring:
     """Create a new keyring with one version. Never overwrites an existing file."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with _locked(path):
+    with locked_file(path):
         if os.path.lexists(path):
             raise KeyringError(f"keyring {path} already exists; kleidi never overwrites a keyring",
                                fix="use `kleidi rotate` to add a version, or choose another path")
         keyring = Keyring.new()
-        _write_atomically(path, keyring.to_json())
+        write_atomically(path, keyring.to_json())
     return keyring
 
 
+class _Stored(Protocol):
+    def to_json(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Stored)
+
+
 @contextlib.contextmanager
-def edit_keyring(path: Path) -> Iterator[Keyring]:
+def edit_locked(path: Path, read: Callable[[Path], tuple[S, os.stat_result]]) -> Iterator[S]:
+    """Read a key file with ``read``, let the caller change it, and atomically write it back, under
+    an exclusive lock (the keyring; the TPM backend's key store)."""
+    with locked_file(path):
+        stored, _ = read(path)
+        yield stored
+        write_atomically(path, stored.to_json())
+
+
+def edit_keyring(path: Path) -> contextlib.AbstractContextManager[Keyring]:
     """Read, let the caller change, and atomically write back the keyring, under an exclusive lock."""
-    with _locked(path):
-        keyring, _ = read_keyring(path)
-        yield keyring
-        _write_atomically(path, keyring.to_json())
+    return edit_locked(path, read_keyring)
 
 
 @dataclass

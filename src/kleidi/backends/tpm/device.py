@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kleidi._crypto import aead
-from kleidi.backends.local import _locked
+from kleidi.backends.local import locked_file
 from kleidi.backends.tpm.store import ACTIVE, DOCS, KekEntry
 from kleidi.errors import BackendUnavailable, DecryptionFailed, KeyringError, KleidiError
 
@@ -385,7 +385,7 @@ class Tpm:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        lock = _locked(self._lock_path) if self._lock_path is not None else contextlib.nullcontext()
+        lock = locked_file(self._lock_path) if self._lock_path is not None else contextlib.nullcontext()
         with lock:
             tx = Transaction(self, self.connect())
             try:

@@ -24,14 +24,20 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kleidi.backends.base import KeySet, KeyVersion
-from kleidi.backends.local import _locked, _write_atomically, check_file_safety
+from kleidi.backends.local import (
+    check_file_safety,
+    check_retirable,
+    edit_locked,
+    locked_file,
+    read_private_file,
+    write_atomically,
+)
 from kleidi.errors import InvalidRequest, KeyringError
 
 KIND = "tpm"
@@ -146,15 +152,8 @@ class KeyStore:
     def retire(self, version: int) -> KekEntry:
         """Forget a version's blobs; its number and key_id stay taken."""
         entry = self.versions.get(version)
-        if entry is None:
-            raise InvalidRequest(f"the key store has no version {version}",
-                                 fix="give a version that `kleidi tpm keys` lists")
-        if version == self.current:
-            raise InvalidRequest(f"version {version} is current",
-                                 fix="rotate first (`kleidi tpm rotate`), re-encrypt, then retire it")
-        if entry.state == RETIRED:
-            raise InvalidRequest(f"version {version} is already retired",
-                                 fix="check the version: `kleidi tpm keys` lists the ones still active")
+        check_retirable(version, entry.state if entry else None, self.current, "the key store", "kleidi tpm")
+        assert entry is not None
         entry.state, entry.public, entry.private, entry.retired = RETIRED, None, None, now()
         return entry
 
@@ -221,39 +220,23 @@ def check_store_file(path: Path) -> os.stat_result:
 
 
 def read_store(path: Path) -> tuple[KeyStore, os.stat_result]:
-    st = check_store_file(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise KeyringError(f"TPM key store {path} cannot be read: {exc.strerror}",
-                           fix="let kleidi's user read it (it should own the file, mode 0600)") from None
+    text, st = read_private_file(path, "TPM key store", check_store_file)
     return KeyStore.from_json(text, path), st
 
 
 def create_store(path: Path, store: KeyStore) -> None:
     """Write a new key store. Never overwrites an existing file."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with _locked(path):
+    with locked_file(path):
         if os.path.lexists(path):
             raise KeyringError(f"TPM key store {path} already exists; kleidi never overwrites a key store",
                                fix="use `kleidi tpm rotate` to add a version, or choose another backend.key_store")
-        _write_atomically(path, store.to_json())
+        write_atomically(path, store.to_json())
 
 
-@contextlib.contextmanager
-def store_lock(path: Path) -> Iterator[None]:
-    """Held around each edit of the key store."""
-    with _locked(path):
-        yield
-
-
-@contextlib.contextmanager
-def edit_store(path: Path) -> Iterator[KeyStore]:
+def edit_store(path: Path) -> contextlib.AbstractContextManager[KeyStore]:
     """Read, let the caller change, and atomically write back the key store, under its lock."""
-    with store_lock(path):
-        store, _ = read_store(path)
-        yield store
-        _write_atomically(path, store.to_json())
+    return edit_locked(path, read_store)
 
 
 def tpm_lock_path(path: Path) -> Path:
