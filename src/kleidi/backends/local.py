@@ -23,7 +23,7 @@ import os
 import stat
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,9 +116,7 @@ class Keyring:
 
     def retire(self, version: int) -> KeyEntry:
         """Destroy a version's key material; ciphertexts wrapped with it can no longer be decrypted."""
-        entry = self.versions.get(version)
-        check_retirable(version, entry.state if entry else None, self.current, "keyring", "kleidi")
-        assert entry is not None
+        entry = retirable(self.versions, version, self.current, "keyring", "kleidi")
         entry.state, entry.key, entry.retired = RETIRED, None, _now()
         return entry
 
@@ -222,17 +220,26 @@ def read_keyring(path: Path) -> tuple[Keyring, os.stat_result]:
     return Keyring.from_json(text, path), st
 
 
-def check_retirable(version: int, state: str | None, current: int, store: str, commands: str) -> None:
-    """What every store of key versions checks before retiring one (``state`` None: no such version);
-    ``commands`` is how its key commands start (``kleidi``, ``kleidi tpm``)."""
-    if state is None:
+class _Versioned(Protocol):
+    state: str
+
+
+E = TypeVar("E", bound=_Versioned)
+
+
+def retirable(versions: Mapping[int, E], version: int, current: int, store: str, commands: str) -> E:
+    """The entry of ``version``, once the checks every store of key versions makes before retiring one
+    pass; ``commands`` is how its key commands start (``kleidi``, ``kleidi tpm``)."""
+    entry = versions.get(version)
+    if entry is None:
         raise InvalidRequest(f"{store} has no version {version}", fix=f"give a version that `{commands} keys` lists")
     if version == current:
         raise InvalidRequest(f"version {version} is current",
                              fix=f"rotate first (`{commands} rotate`), re-encrypt, then retire it")
-    if state == RETIRED:
+    if entry.state == RETIRED:
         raise InvalidRequest(f"version {version} is already retired",
                              fix=f"check the version: `{commands} keys` lists the ones still active")
+    return entry
 
 
 def write_atomically(path: Path, text: str) -> None:

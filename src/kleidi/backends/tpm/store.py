@@ -32,10 +32,10 @@ from typing import Any
 from kleidi.backends.base import KeySet, KeyVersion
 from kleidi.backends.local import (
     check_file_safety,
-    check_retirable,
     edit_locked,
     locked_file,
     read_private_file,
+    retirable,
     write_atomically,
 )
 from kleidi.errors import InvalidRequest, KeyringError
@@ -151,9 +151,7 @@ class KeyStore:
 
     def retire(self, version: int) -> KekEntry:
         """Forget a version's blobs; its number and key_id stay taken."""
-        entry = self.versions.get(version)
-        check_retirable(version, entry.state if entry else None, self.current, "the key store", "kleidi tpm")
-        assert entry is not None
+        entry = retirable(self.versions, version, self.current, "the key store", "kleidi tpm")
         entry.state, entry.public, entry.private, entry.retired = RETIRED, None, None, now()
         return entry
 
