@@ -1,0 +1,226 @@
+"""kleidi on a real kubelet: kube-apiserver and kleidi as static pods, the Helm chart's DaemonSet, cold starts.
+
+One node per module (tests/deploy/kubelet.py): containerd, a kubelet registered with the apiserver it
+runs from a static pod, etcd on the host, kube-scheduler and kube-controller-manager. The tests run in
+order on that node; each leaves it serving for the next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from kleidi._proto.kmsv2 import api_pb2 as v2_pb
+from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
+from tests.conftest import keygen, run_kleidi
+from tests.deploy.kubelet import (
+    APISERVER_IMAGE,
+    KLEIDI_UID,
+    NODE_NAME,
+    PAUSE_IMAGE,
+    Node,
+    StaticAPIServer,
+    apiserver_image,
+    kube_binaries,
+    node_dir,
+    pause_image,
+    wait_until,
+)
+from tests.e2e.test_kube_apiserver import assert_encrypted, assert_reads_back, create_secrets
+from tests.support import free_port
+
+pytestmark = pytest.mark.e2e
+
+SOCKET_MOUNT = "/var/run/kleidi"  # where kleidi's socket directory is, inside both pods
+ENDPOINT = f"unix://{SOCKET_MOUNT}/kleidi.sock"
+
+
+def kleidi_status(socket: Path, timeout: float = 3) -> v2_pb.StatusResponse:
+    """KMS v2 Status over kleidi's socket, called from the host as root (an allowed caller)."""
+    with grpc.insecure_channel(f"unix://{socket}", options=[("grpc.default_authority", "localhost")]) as channel:
+        stub = v2_grpc.KeyManagementServiceStub(channel)  # type: ignore[no-untyped-call]
+        response: v2_pb.StatusResponse = stub.Status(v2_pb.StatusRequest(), timeout=timeout)
+        return response
+
+
+def serving(socket: Path) -> bool:
+    try:
+        return bool(socket.exists() and kleidi_status(socket, timeout=2).healthz == "ok")
+    except grpc.RpcError:
+        return False
+
+
+class KleidiHost:
+    """kleidi's host side: config, keyring and socket directories as the static pod mounts them."""
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.etc = workdir / f"{name}-etc"
+        self.lib = workdir / f"{name}-lib"
+        self.run = workdir / f"{name}-run"
+        for path in (self.etc, self.lib, self.run):
+            path.mkdir()
+        self.port = free_port()
+        keygen(self.lib / "keyring.json")
+        for path in (self.lib, self.lib / "keyring.json", self.run):
+            os.chown(path, KLEIDI_UID, KLEIDI_UID)
+        self.lib.chmod(0o700)
+        self.run.chmod(0o750)
+        self.config = self.etc / "config.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "server": {"endpoint": ENDPOINT},
+            "telemetry": {"address": f"127.0.0.1:{self.port}"},
+            "backend": {"kind": "local", "keyring": "/var/lib/kleidi/keyring.json"},
+        }))
+
+    @property
+    def socket(self) -> Path:
+        return self.run / "kleidi.sock"
+
+
+def kleidi_manifest(host: KleidiHost, image: str) -> dict[str, Any]:
+    """STAND-IN until deploy/static-pod lands: kleidi as the shipped manifest will run it."""
+    def probe(path: str) -> dict[str, Any]:
+        return {"httpGet": {"host": "127.0.0.1", "port": host.port, "path": path}, "periodSeconds": 5}
+
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kleidi", "namespace": "kube-system"},
+        "spec": {
+            "hostNetwork": True, "priorityClassName": "system-node-critical",
+            "securityContext": {"runAsUser": KLEIDI_UID, "runAsGroup": KLEIDI_UID, "runAsNonRoot": True,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "kleidi", "image": image, "imagePullPolicy": "Never",
+                "command": ["/work/main/.venv/bin/python", "-m", "kleidi", "serve", "--config",
+                            "/etc/kleidi/config.yaml"],
+                "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+                                    "capabilities": {"drop": ["ALL"]}},
+                "livenessProbe": probe("/livez"), "readinessProbe": probe("/readyz"),
+                "volumeMounts": [
+                    {"name": "config", "mountPath": "/etc/kleidi", "readOnly": True},
+                    {"name": "keyring", "mountPath": "/var/lib/kleidi", "readOnly": True},
+                    {"name": "socket", "mountPath": SOCKET_MOUNT},
+                    {"name": "py", "mountPath": "/root/.pyenv/versions/3.11.7", "readOnly": True},
+                    {"name": "work", "mountPath": "/work/main", "readOnly": True},
+                    {"name": "usr", "mountPath": "/usr", "readOnly": True},
+                    {"name": "lib64", "mountPath": "/lib64", "readOnly": True},
+                    {"name": "lib", "mountPath": "/lib", "readOnly": True}],
+            }],
+            "volumes": [
+                {"name": "config", "hostPath": {"path": str(host.etc)}},
+                {"name": "keyring", "hostPath": {"path": str(host.lib)}},
+                {"name": "socket", "hostPath": {"path": str(host.run)}},
+                {"name": "py", "hostPath": {"path": "/root/.pyenv/versions/3.11.7"}},
+                {"name": "work", "hostPath": {"path": "/work/main"}},
+                {"name": "usr", "hostPath": {"path": "/usr"}},
+                {"name": "lib64", "hostPath": {"path": "/lib64"}},
+                {"name": "lib", "hostPath": {"path": "/lib"}}],
+        },
+    }
+
+
+class Cluster:
+    """The node with its two static pods, as the tests see it."""
+
+    def __init__(self, node: Node, api: StaticAPIServer, kleidi: KleidiHost, kleidi_pod: dict[str, Any]) -> None:
+        self.node, self.api, self.kleidi, self.kleidi_pod = node, api, kleidi, kleidi_pod
+        self.secrets: dict[str, dict[str, bytes]] = {}
+
+    def pod(self, name: str, namespace: str = "kube-system") -> dict[str, Any]:
+        result = self.api.kubectl("get", "pod", name, "-n", namespace, "-o", "json", check=False)
+        return json.loads(result.stdout) if result.returncode == 0 else {}
+
+    def ready(self, pod: dict[str, Any]) -> bool:
+        conditions = pod.get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def kleidi_pid(self) -> int | None:
+        return self.node.container_pid("kleidi", "kleidi")
+
+    def wait_serving(self, timeout: float = 120) -> None:
+        wait_until(lambda: serving(self.kleidi.socket), timeout, "kleidi serving Status on its socket")
+        self.api.wait_ready(timeout)
+
+    def fail(self, message: str) -> str:
+        return f"{message}\n{self.node.logs()}"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    binaries = kube_binaries()
+    images = {PAUSE_IMAGE: pause_image(), APISERVER_IMAGE: apiserver_image(binaries["kube-apiserver"])}
+    with node_dir() as workdir:
+        node = Node(workdir, binaries)
+        try:
+            node.start_containerd()
+            node.import_images(images)
+            kleidi = KleidiHost(workdir, "kleidi")
+            encryption = node.control / "encryption-config.yaml"
+            result = run_kleidi("encryption-config", "--name", "kleidi", "--endpoint", ENDPOINT,
+                                "--resources", "secrets")
+            assert result.returncode == 0, result.stderr
+            encryption.write_text(result.stdout)
+            node.etcd.start()
+            api = node.prepare_apiserver(encryption, kleidi.run, SOCKET_MOUNT)
+            kleidi_pod = kleidi_manifest(kleidi, PAUSE_IMAGE)
+            node.write_static_pod("kleidi", kleidi_pod)
+            node.write_static_pod("kube-apiserver", api.manifest())
+            node.start_kubelet()
+            cluster = Cluster(node, api, kleidi, kleidi_pod)
+            try:
+                cluster.wait_serving(180)
+            except AssertionError as exc:
+                raise AssertionError(cluster.fail(str(exc))) from None
+            node.start_controllers()
+            yield cluster
+        finally:
+            node.stop()
+
+
+def test_static_pods_encrypt_secrets_in_etcd(cluster: Cluster) -> None:
+    """kube-apiserver and kleidi run as static pods; Secrets written through that apiserver are
+    encrypted in etcd by kleidi and read back; kleidi runs as 10001 with no capabilities."""
+    api, node = cluster.api, cluster.node
+    wait_until(lambda: all(cluster.ready(cluster.pod(f"{name}-{NODE_NAME}")) for name in ("kleidi", "kube-apiserver")),
+               60, "both mirror pods Ready")
+    cluster.secrets = create_secrets(api, [f"static-{i}" for i in range(5)])
+    key_id = kleidi_status(cluster.kleidi.socket).key_id
+    for name, data in cluster.secrets.items():
+        assert_encrypted(node.etcd.get(f"/registry/secrets/default/{name}"), data, key_id)
+    assert_reads_back(api, cluster.secrets)
+    pid = cluster.kleidi_pid()
+    assert pid is not None
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    status = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+    assert status["Uid"].split() == [str(KLEIDI_UID)] * 4
+    assert status["Gid"].split() == [str(KLEIDI_UID)] * 4
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0 and int(status["CapBnd"], 16) == 0
+    assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"
+
+
+def test_kubelet_restarts_a_killed_kleidi(cluster: Cluster) -> None:
+    """kleidi's process SIGKILLed: the kubelet restarts its container, kleidi serves again, and the
+    apiserver keeps reading and writing Secrets."""
+    api = cluster.api
+    pid = cluster.kleidi_pid()
+    assert pid is not None
+    before = cluster.pod(f"kleidi-{NODE_NAME}")["status"]["containerStatuses"][0]["restartCount"]
+    os.kill(pid, signal.SIGKILL)
+    new_pid = wait_until(lambda: (p := cluster.kleidi_pid()) is not None and p != pid and p, 60,
+                         "a new kleidi container")
+    wait_until(lambda: serving(cluster.kleidi.socket), 60, "the restarted kleidi serving")
+    assert new_pid != pid
+    wait_until(lambda: cluster.pod(f"kleidi-{NODE_NAME}")["status"]["containerStatuses"][0]["restartCount"] > before,
+               60, "the mirror pod counting the restart")
+    assert_reads_back(api, cluster.secrets)
+    more = create_secrets(api, ["after-kill"])
+    assert_reads_back(api, more)
+    cluster.secrets.update(more)
