@@ -364,6 +364,13 @@ class StaticAPIServer(KubeAPIServer):
             time.sleep(0.5)
         raise AssertionError(f"kube-apiserver (static pod) not ready after {timeout:.0f}s: {last}")
 
+    def get_or_none(self, path: str) -> tuple[int, str] | None:
+        """The answer to a GET, or None when nothing answers on the apiserver's port."""
+        try:
+            return self.get(path, timeout=3)
+        except OSError:
+            return None
+
     def stop(self) -> None:
         pass  # the kubelet owns it
 
@@ -494,6 +501,29 @@ class Node:
                     if parts and parts[0] == cid and parts[2] == "RUNNING":
                         return int(parts[1])
         return None
+
+    # power cut and boot
+
+    def crash(self) -> None:
+        """A power cut, as near as one host allows: every daemon and container SIGKILLed, then what a
+        reboot clears: the mounts the containers left and containerd's state directory (a tmpfs under
+        /run on a real node). Persistent state stays: containerd's root, the kubelet's root-dir, etcd's data."""
+        for proc in [*self.others, *([self.kubelet] if self.kubelet else [])]:
+            proc.stop(signal.SIGKILL)
+        self.containerd.crash()
+        if self.etcd.proc is not None and self.etcd.proc.poll() is None:
+            self.etcd.proc.kill()
+            self.etcd.proc.wait()
+        unmount_under(self.workdir)
+        shutil.rmtree(self.containerd.dir / "state", ignore_errors=True)
+
+    def boot(self) -> None:
+        """The node's daemons in systemd's order: etcd, containerd, the kubelet; then the controllers."""
+        self.etcd.start()
+        self.containerd.start()
+        self.start_kubelet()
+        for proc in self.others:
+            proc.start()
 
     # teardown
 

@@ -41,6 +41,8 @@ pytestmark = pytest.mark.e2e
 
 SOCKET_MOUNT = "/var/run/kleidi"  # where kleidi's socket directory is, inside both pods
 ENDPOINT = f"unix://{SOCKET_MOUNT}/kleidi.sock"
+DAEMONSET_NAMESPACE = "kleidi-system"
+DAEMONSET_SELECTOR = "app.kubernetes.io/name=kleidi"
 
 
 def kleidi_status(socket: Path, timeout: float = 3) -> v2_pb.StatusResponse:
@@ -132,6 +134,15 @@ class Cluster:
     def __init__(self, node: Node, api: StaticAPIServer, kleidi: KleidiHost, kleidi_pod: dict[str, Any]) -> None:
         self.node, self.api, self.kleidi, self.kleidi_pod = node, api, kleidi, kleidi_pod
         self.secrets: dict[str, dict[str, bytes]] = {}
+        self.daemonset_socket: Path | None = None  # set once the Helm chart's DaemonSet runs
+
+    def daemonset_ready(self) -> bool:
+        result = self.api.kubectl("get", "pods", "-n", DAEMONSET_NAMESPACE, "-l", DAEMONSET_SELECTOR,
+                                  "-o", "json", check=False)
+        if result.returncode != 0:
+            return False
+        pods = json.loads(result.stdout)["items"]
+        return len(pods) == 1 and pods[0]["status"].get("phase") == "Running" and self.ready(pods[0])
 
     def pod(self, name: str, namespace: str = "kube-system") -> dict[str, Any]:
         result = self.api.kubectl("get", "pod", name, "-n", namespace, "-o", "json", check=False)
@@ -224,3 +235,50 @@ def test_kubelet_restarts_a_killed_kleidi(cluster: Cluster) -> None:
     more = create_secrets(api, ["after-kill"])
     assert_reads_back(api, more)
     cluster.secrets.update(more)
+
+
+@pytest.mark.parametrize("order", ["together", "kleidi-first", "apiserver-first"])
+def test_cold_start_of_the_whole_node(cluster: Cluster, order: str) -> None:
+    """Power cut: kubelet, containerd, every container, etcd and the controllers killed. The node's
+    daemons come back (etcd, containerd, then the kubelet, as systemd orders them) with the static pod
+    manifests in place and the node recovers by itself: apiserver Ready, every Secret readable (its
+    cache is empty, so each read needs kleidi's Decrypt), the DaemonSet's pod running again.
+
+    ``together``: both manifests present at boot. ``kleidi-first``: the apiserver's manifest comes back
+    only once kleidi serves, so kleidi is shown to start with no apiserver anywhere. ``apiserver-first``:
+    kleidi's manifest comes back only once the apiserver runs (not Ready: its KMS provider is missing),
+    and the apiserver recovers without a restart."""
+    node, api = cluster.node, cluster.api
+    held: tuple[str, dict[str, Any]] | None = None
+    if order == "kleidi-first":
+        held = ("kube-apiserver", api.manifest())
+    elif order == "apiserver-first":
+        held = ("kleidi", cluster.kleidi_pod)
+    node.crash()
+    if held is not None:
+        (node.manifests / f"{held[0]}.yaml").unlink()
+    assert not cluster.kleidi.socket.exists() or not serving(cluster.kleidi.socket)
+    node.boot()
+    try:
+        if order == "kleidi-first":
+            wait_until(lambda: serving(cluster.kleidi.socket), 120, "kleidi serving with no apiserver")
+            assert api.get_or_none("/livez") is None, "an apiserver answered while its manifest was held back"
+        elif order == "apiserver-first":
+            api.wait_ready(120, path="/livez")
+            status, body = api.get("/readyz/kms-providers")
+            assert status != 200, body
+            assert not serving(cluster.kleidi.socket)
+        if held is not None:
+            node.write_static_pod(*held)
+        cluster.wait_serving(180)
+    except AssertionError as exc:
+        raise AssertionError(cluster.fail(str(exc))) from None
+    assert_reads_back(api, cluster.secrets)
+    more = create_secrets(api, [f"after-cold-start-{order}"])
+    key_id = kleidi_status(cluster.kleidi.socket).key_id
+    for name, data in more.items():
+        assert_encrypted(node.etcd.get(f"/registry/secrets/default/{name}"), data, key_id)
+    cluster.secrets.update(more)
+    if cluster.daemonset_socket is not None:
+        wait_until(lambda: cluster.daemonset_ready(), 180, "the DaemonSet's pod Running and Ready again")
+        wait_until(lambda: serving(cluster.daemonset_socket), 60, "the DaemonSet's kleidi serving again")
