@@ -296,6 +296,39 @@ def _add_backend_commands() -> None:
             target.add_command(command)
 
 
+# -- deploy ---------------------------------------------------------------------------------------
+
+
+@main.group("deploy")
+def deploy_group() -> None:
+    """Print deployment artifacts made for your own config (docs/deploy/)."""
+
+
+@deploy_group.command("static-pod")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="KLEIDI_CONFIG",
+              help="kleidi's config file on the node, absolute (env KLEIDI_CONFIG) [default: /etc/kleidi/config.yaml; "
+                   "the built-in defaults if that file does not exist].")
+@click.option("--image", default="localhost/kleidi:0.1.0", show_default=True, help="kleidi's container image.")
+@click.option("--namespace", default="kube-system", show_default=True, help="The mirror pod's namespace.")
+@click.option("--mount", "mounts", multiple=True, metavar="PATH[:ro|:rw]",
+              help="Also mount this host path (read-only unless :rw), e.g. a PKCS#11 module's own files. Repeatable.")
+@click.option("--supplemental-group", "groups", multiple=True, type=click.IntRange(min=0), metavar="GID",
+              help="Add this gid to kleidi's groups, e.g. the group of /dev/tpmrm0. Repeatable.")
+def deploy_static_pod(config_file: Path | None, image: str, namespace: str, mounts: tuple[str, ...],
+                      groups: tuple[int, ...]) -> None:
+    """Print the static pod manifest for /etc/kubernetes/manifests/kleidi.yaml: kleidi as uid 10001 with no
+    capabilities, mounting read-only exactly the files its config reads."""
+    from kleidi.deploy.static_pod import DEFAULT_CONFIG, render_yaml
+
+    args = "".join(f" {flag} {value}" for flag, value in (
+        ("--config", config_file), ("--image", None if image == "localhost/kleidi:0.1.0" else image),
+        ("--namespace", None if namespace == "kube-system" else namespace)) if value is not None)
+    args += "".join(f" --mount {m}" for m in mounts) + "".join(f" --supplemental-group {g}" for g in groups)
+    path = config_file if config_file is not None else DEFAULT_CONFIG
+    settings = load(config_file if config_file is not None or DEFAULT_CONFIG.exists() else None)
+    click.echo(render_yaml(settings, path, image, namespace, mounts, groups, args), nl=False)
+
+
 # -- config ---------------------------------------------------------------------------------------
 
 
