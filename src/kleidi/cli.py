@@ -318,14 +318,14 @@ def deploy_static_pod(config_file: Path | None, image: str, namespace: str, moun
                       groups: tuple[int, ...]) -> None:
     """Print the static pod manifest for /etc/kubernetes/manifests/kleidi.yaml: kleidi as uid 10001 with no
     capabilities, mounting read-only exactly the files its config reads."""
-    from kleidi.deploy.static_pod import DEFAULT_CONFIG, render_yaml
+    from kleidi.deploy.static_pod import DEFAULT_CONFIG, default_config_exists, render_yaml
 
     args = "".join(f" {flag} {value}" for flag, value in (
         ("--config", config_file), ("--image", None if image == "localhost/kleidi:0.1.0" else image),
         ("--namespace", None if namespace == "kube-system" else namespace)) if value is not None)
     args += "".join(f" --mount {m}" for m in mounts) + "".join(f" --supplemental-group {g}" for g in groups)
     path = config_file if config_file is not None else DEFAULT_CONFIG
-    settings = load(config_file if config_file is not None or DEFAULT_CONFIG.exists() else None)
+    settings = load(config_file if config_file is not None or default_config_exists() else None)
     click.echo(render_yaml(settings, path, image, namespace, mounts, groups, args), nl=False)
 
 

@@ -31,6 +31,11 @@ REQUESTS = {"cpu": "50m", "memory": "96Mi"}
 LIMITS = {"memory": "256Mi"}
 
 
+def default_config_exists() -> bool:
+    """Whether the default config file is on this host (else ``kleidi deploy static-pod`` uses the defaults)."""
+    return DEFAULT_CONFIG.exists()
+
+
 @dataclass(frozen=True)
 class Mount:
     """One host path mounted into the container at the same path."""
@@ -58,7 +63,7 @@ class _Plan:
 
 def _socket_dir(endpoint: str) -> str:
     path = endpoint.removeprefix("unix://")
-    if not endpoint.startswith("unix://") or path.startswith("@"):
+    if not endpoint.startswith("unix:///") or path.startswith("/@"):
         raise ConfigError(f"server.endpoint {endpoint} is not a socket file; a static pod shares its socket with "
                           "kube-apiserver through a host directory",
                           fix="set server.endpoint to a path, e.g. unix:///var/run/kleidi/kleidi.sock")
