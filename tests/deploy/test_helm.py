@@ -95,7 +95,7 @@ def test_daemonset_security_settings(values: Path | None) -> None:
     ds = _daemonset(objects)
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
     pod = ds["spec"]["template"]["spec"]
-    assert pod["hostNetwork"] is True
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "Default"
     assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["nodeSelector"] == {"node-role.kubernetes.io/control-plane": ""}
@@ -156,6 +156,12 @@ def test_secret_credentials_refused_without_acknowledgement() -> None:
 def test_endpoint_outside_socket_dir_refused() -> None:
     result = template("--set", "config.server.endpoint=unix:///tmp/kleidi.sock", check=False)
     assert result.returncode != 0 and "socketHostPath" in result.stderr and "config.server.endpoint" in result.stderr
+
+
+def test_host_mount_without_type() -> None:
+    pod = _daemonset(render({"hostMounts": [{"name": "keys", "path": "/srv/keys"}]}))["spec"]["template"]["spec"]
+    assert {"name": "host-keys", "hostPath": {"path": "/srv/keys"}} in pod["volumes"]
+    assert {"name": "host-keys", "mountPath": "/srv/keys", "readOnly": True} in pod["containers"][0]["volumeMounts"]
 
 
 def test_host_path_config() -> None:
