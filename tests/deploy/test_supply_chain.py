@@ -10,7 +10,6 @@ test proves the audit fails closed when nothing answers.
 
 from __future__ import annotations
 
-import datetime
 import importlib
 import json
 import os
@@ -28,10 +27,6 @@ from typing import Any
 
 import pytest
 from packaging.utils import canonicalize_name
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.support import free_port
 
@@ -160,7 +155,7 @@ def test_a_missing_signature_fails_verification(signed: tuple[Keys, list[Path]],
 
 def test_signing_needs_the_password_from_the_environment(signed: tuple[Keys, list[Path]], cosign: str,
                                                           tmp_path: Path) -> None:
-    keys, copies = signed
+    keys, _ = signed
     target = tmp_path / "artifact.bin"
     target.write_bytes(b"kleidi")
     result = run(SIGN, "sign", keys.key, target, env={"COSIGN": cosign})
@@ -199,33 +194,23 @@ class FakePyPIFeed:
     def __init__(self, directory: Path, advisories: dict[str, list[dict[str, Any]]]) -> None:
         self.advisories = advisories
         self.requests: list[str] = []
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kleidi test feed CA")])
-        now = datetime.datetime.now(datetime.UTC)
-        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-              .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-              .not_valid_after(now + datetime.timedelta(hours=1))
-              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-              .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-              .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-              .sign(ca_key, hashes.SHA256()))
-        key = ec.generate_private_key(ec.SECP256R1())
-        leaf = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pypi.org")]))
-                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("pypi.org")]), critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
         self.ca_file = directory / "ca.pem"
-        self.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         cert_file, key_file = directory / "leaf.pem", directory / "leaf.key"
-        cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        ext = directory / "leaf.ext"
+        ext.write_text("subjectAltName=DNS:pypi.org\nbasicConstraints=critical,CA:FALSE\n"
+                       "extendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid\n")
+        steps: list[list[str | Path]] = [
+            ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+             "-subj", "/CN=kleidi test feed CA", "-keyout", directory / "ca.key", "-out", self.ca_file,
+             "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0", "-addext", "keyUsage=critical,keyCertSign"],
+            ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=pypi.org",
+             "-keyout", key_file, "-out", directory / "leaf.csr"],
+            ["x509", "-req", "-in", directory / "leaf.csr", "-CA", self.ca_file, "-CAkey", directory / "ca.key",
+             "-CAcreateserial", "-days", "1", "-extfile", ext, "-out", cert_file],
+        ]
+        for args in steps:
+            made = run("openssl", *args, timeout=60)
+            assert made.returncode == 0, made.stderr
         self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.tls.load_cert_chain(cert_file, key_file)
         self.port = free_port()
