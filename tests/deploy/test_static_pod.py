@@ -156,7 +156,8 @@ def test_shipped_manifest_is_the_default_output(monkeypatch: pytest.MonkeyPatch)
     result = CliRunner().invoke(main, ["deploy", "static-pod"], env=_env())
     assert result.exit_code == 0, result.stderr
     assert result.stdout == SHIPPED.read_text(), \
-        "deploy/static-pod/kleidi.yaml drifted: regenerate it with `kleidi deploy static-pod > deploy/static-pod/kleidi.yaml`"
+        "deploy/static-pod/kleidi.yaml drifted: regenerate it with " \
+        "`kleidi deploy static-pod > deploy/static-pod/kleidi.yaml`"
     manifest = yaml.safe_load(result.stdout)
     assert manifest["spec"]["containers"][0]["image"] == "localhost/kleidi:0.1.0"
     assert manifest["spec"]["containers"][0]["args"] == ["serve", "--config", "/etc/kleidi/config.yaml"]
