@@ -161,9 +161,9 @@ def test_shipped_manifest_is_the_default_output(monkeypatch: pytest.MonkeyPatch)
     manifest = yaml.safe_load(result.stdout)
     assert manifest["spec"]["containers"][0]["image"] == "localhost/kleidi:0.1.0"
     assert manifest["spec"]["containers"][0]["args"] == ["serve", "--config", "/etc/kleidi/config.yaml"]
-    defaults = load_settings(None, {})
+    keyring: Path = load_settings(None, {}).backend.keyring  # type: ignore[attr-defined]
     assert _mounts(manifest) == {"/var/run/kleidi": (False, "DirectoryOrCreate"), "/etc/kleidi": (True, "Directory"),
-                                 str(defaults.backend.keyring.parent): (True, "Directory")}
+                                 str(keyring.parent): (True, "Directory")}
 
 
 @pytest.mark.parametrize(("config", "args", "message", "fix"), [
