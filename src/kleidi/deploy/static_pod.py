@@ -25,8 +25,8 @@ DEFAULT_CONFIG = Path("/etc/kleidi/config.yaml")
 KLEIDI_UID = 10001
 KLEIDI_GID = 10001
 
-# Measured (docs/deploy/static-pod.md, "Resources"): kleidi serve on the local backend idles at about
-# 60 MiB RSS and stays under 90 MiB while serving a sustained Encrypt/Decrypt load; the limits leave room.
+# NOT YET MEASURED: placeholders to be replaced by kleidi serve's measured RSS and CPU, idle and under an
+# Encrypt/Decrypt load (issue #13). No CPU limit: throttling a KMS plugin stalls every apiserver write.
 REQUESTS = {"cpu": "50m", "memory": "96Mi"}
 LIMITS = {"memory": "256Mi"}
 
