@@ -27,7 +27,7 @@ version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml | head -1)
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 created=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
-source_url=${KLEIDI_IMAGE_SOURCE:-https://github.com/kleidi-kms/kleidi}
+source_url=${IMAGE_SOURCE_URL:-https://github.com/kleidi-kms/kleidi}
 dist=$repo/dist
 # The runtime pins: the versions of kleidi's dependencies installed in .venv (what the tests ran).
 pins=$("$py" -m pip freeze --exclude-editable 2>/dev/null | grep -v '^#' | sort)
@@ -41,7 +41,7 @@ inputs_hash=$(
       | grep -v __pycache__ | sort | while read -r f; do [ -f "$f" ] && sha256sum "$f"; done
   } | sha256sum | cut -c1-16
 )
-cache=${KLEIDI_CACHE:-$HOME/.cache/kleidi}/image/$inputs_hash
+cache=${KUBE_APISERVER_CACHE:-$HOME/.cache/kleidi}/image/$inputs_hash
 archive=kleidi-$version.oci.tar
 sbom=kleidi-$version.sbom.cdx.json
 debs=kleidi-$version.debs.txt
