@@ -18,6 +18,10 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 py=$repo/.venv/bin/python
+# One build at a time per machine (tests and helpers may ask at once; they share dist/ and the cache).
+mkdir -p "${KUBE_APISERVER_CACHE:-$HOME/.cache/kleidi}"
+exec 9>"${KUBE_APISERVER_CACHE:-$HOME/.cache/kleidi}/image.lock"
+flock 9
 [ -x "$py" ] || { echo "build-image.sh: $py missing; run scripts/setup.sh test first" >&2; exit 1; }
 for tool in umoci apt-get dpkg dpkg-query ldd; do
   command -v "$tool" >/dev/null || { echo "build-image.sh: $tool is required (scripts/system-packages.sh)" >&2; exit 1; }

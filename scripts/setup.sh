@@ -31,3 +31,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root$extras"
   echo "$want" > "$stamp"
 fi
+if [ "$profile" = test ]; then
+  "$root/scripts/build-test-deps.sh"  # kube-apiserver, kubelet, helm, cosign, kleidi's image (cached)
+fi
