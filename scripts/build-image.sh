@@ -2,7 +2,8 @@
 # Builds kleidi's OCI image without a Docker daemon and without pulling from any registry:
 #   - a root filesystem unpacked (dpkg -x) from Debian 12 packages fetched with `apt-get download`:
 #     python3.11 and exactly the shared libraries that it, its stdlib modules and the wheels link to
-#     (found with ldd, mapped to packages with dpkg -S), plus the TPM TCTI libraries tpm2-pytss loads;
+#     (found with ldd, mapped to packages with dpkg -S), plus the TPM TCTI libraries tpm2-pytss loads and
+#     Debian's CA certificates (the trust store the Vault backend uses over https);
 #   - kleidi's wheel built from this checkout and its dependencies with the vault, pkcs11 and tpm extras,
 #     installed with pip at the versions in .venv (the versions the test suite ran);
 #   - packed with umoci: user 10001:10001, entrypoint /usr/bin/kleidi, workdir /, OCI labels, no shell,
@@ -82,6 +83,17 @@ for pkg in python3.11-minimal libpython3.11-minimal libpython3.11-stdlib \
            libtss2-tcti-device0 libtss2-tcti-swtpm0 libtss2-tcti-mssim0 libtss2-tctildr0; do
   unpack_deb "$pkg"
 done
+# CA certificates: the Vault backend verifies its server with the system trust store (Python's ssl default
+# paths, OpenSSL's /usr/lib/ssl/cert.pem) unless backend.tls.ca_file is set. Debian's ca-certificates ships
+# the certificates; the bundle is made by its postinst (update-ca-certificates, not run here), so build it
+# the same way: every certificate /etc/ca-certificates.conf enables by default (all of mozilla/).
+unpack_deb ca-certificates
+mkdir -p "$rootfs/etc/ssl/certs" "$rootfs/usr/lib/ssl"
+find "$rootfs/usr/share/ca-certificates" -name '*.crt' -print0 | sort -z | xargs -0 cat \
+  > "$rootfs/etc/ssl/certs/ca-certificates.crt"
+[ -s "$rootfs/etc/ssl/certs/ca-certificates.crt" ] || { echo "build-image.sh: no CA certificates" >&2; exit 1; }
+ln -sfn /etc/ssl/certs/ca-certificates.crt "$rootfs/usr/lib/ssl/cert.pem"
+ln -sfn /etc/ssl/certs "$rootfs/usr/lib/ssl/certs"
 site=$rootfs/usr/lib/python3/dist-packages
 mkdir -p "$site"
 
