@@ -485,7 +485,7 @@ class Node:
         out = self.containerd.ctr("containers", "list", "--quiet", check=False).stdout.split()
         return [{"id": c} for c in out]
 
-    def container_pid(self, pod_prefix: str, container: str) -> int | None:
+    def container_pid(self, pod_prefix: str, container: str, namespace: str = "kube-system") -> int | None:
         """The host pid of a running container, found by its Kubernetes labels in containerd."""
         result = self.containerd.ctr("containers", "list", "--quiet", check=False)
         for cid in result.stdout.split():
@@ -494,6 +494,7 @@ class Node:
                 continue
             labels = json.loads(info.stdout).get("Labels") or {}
             if (labels.get("io.kubernetes.container.name") == container
+                    and labels.get("io.kubernetes.pod.namespace") == namespace
                     and labels.get("io.kubernetes.pod.name", "").startswith(pod_prefix)):
                 task = self.containerd.ctr("tasks", "list", check=False).stdout
                 for line in task.splitlines()[1:]:

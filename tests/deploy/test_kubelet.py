@@ -21,6 +21,8 @@ import yaml
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 from tests.conftest import keygen, run_kleidi
+from tests.deploy.helm import CHART, helm
+from tests.deploy.images import ImageArtifacts, kleidi_image
 from tests.deploy.kubelet import (
     APISERVER_IMAGE,
     KLEIDI_UID,
@@ -39,8 +41,6 @@ from tests.support import free_port
 
 pytestmark = pytest.mark.e2e
 
-SOCKET_MOUNT = "/var/run/kleidi"  # where kleidi's socket directory is, inside both pods
-ENDPOINT = f"unix://{SOCKET_MOUNT}/kleidi.sock"
 DAEMONSET_NAMESPACE = "kleidi-system"
 DAEMONSET_SELECTOR = "app.kubernetes.io/name=kleidi"
 
@@ -61,7 +61,9 @@ def serving(socket: Path) -> bool:
 
 
 class KleidiHost:
-    """kleidi's host side: config, keyring and socket directories as the static pod mounts them."""
+    """kleidi's host side, kubeadm-style but under the node's directory: a config directory, a keyring
+    directory (owned by 10001, mode 0700) and the socket directory shared with kube-apiserver. Host paths
+    are mounted at the same paths in the container, so the config names host paths."""
 
     def __init__(self, workdir: Path, name: str) -> None:
         self.etc = workdir / f"{name}-etc"
@@ -76,73 +78,62 @@ class KleidiHost:
         self.lib.chmod(0o700)
         self.run.chmod(0o750)
         self.config = self.etc / "config.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "server": {"endpoint": ENDPOINT},
-            "telemetry": {"address": f"127.0.0.1:{self.port}"},
-            "backend": {"kind": "local", "keyring": "/var/lib/kleidi/keyring.json"},
-        }))
+        self.config.write_text(yaml.safe_dump(self.settings()))
+
+    def settings(self) -> dict[str, Any]:
+        return {"server": {"endpoint": self.endpoint},
+                "telemetry": {"address": f"127.0.0.1:{self.port}"},
+                "backend": {"kind": "local", "keyring": str(self.lib / "keyring.json")}}
 
     @property
     def socket(self) -> Path:
         return self.run / "kleidi.sock"
 
+    @property
+    def endpoint(self) -> str:
+        return f"unix://{self.socket}"
 
-def kleidi_manifest(host: KleidiHost, image: str) -> dict[str, Any]:
-    """STAND-IN until deploy/static-pod lands: kleidi as the shipped manifest will run it."""
-    def probe(path: str) -> dict[str, Any]:
-        return {"httpGet": {"host": "127.0.0.1", "port": host.port, "path": path}, "periodSeconds": 5}
 
-    return {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kleidi", "namespace": "kube-system"},
-        "spec": {
-            "hostNetwork": True, "priorityClassName": "system-node-critical",
-            "securityContext": {"runAsUser": KLEIDI_UID, "runAsGroup": KLEIDI_UID, "runAsNonRoot": True,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{
-                "name": "kleidi", "image": image, "imagePullPolicy": "Never",
-                "command": ["/work/main/.venv/bin/python", "-m", "kleidi", "serve", "--config",
-                            "/etc/kleidi/config.yaml"],
-                "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
-                                    "capabilities": {"drop": ["ALL"]}},
-                "livenessProbe": probe("/livez"), "readinessProbe": probe("/readyz"),
-                "volumeMounts": [
-                    {"name": "config", "mountPath": "/etc/kleidi", "readOnly": True},
-                    {"name": "keyring", "mountPath": "/var/lib/kleidi", "readOnly": True},
-                    {"name": "socket", "mountPath": SOCKET_MOUNT},
-                    {"name": "py", "mountPath": "/root/.pyenv/versions/3.11.7", "readOnly": True},
-                    {"name": "work", "mountPath": "/work/main", "readOnly": True},
-                    {"name": "usr", "mountPath": "/usr", "readOnly": True},
-                    {"name": "lib64", "mountPath": "/lib64", "readOnly": True},
-                    {"name": "lib", "mountPath": "/lib", "readOnly": True}],
-            }],
-            "volumes": [
-                {"name": "config", "hostPath": {"path": str(host.etc)}},
-                {"name": "keyring", "hostPath": {"path": str(host.lib)}},
-                {"name": "socket", "hostPath": {"path": str(host.run)}},
-                {"name": "py", "hostPath": {"path": "/root/.pyenv/versions/3.11.7"}},
-                {"name": "work", "hostPath": {"path": "/work/main"}},
-                {"name": "usr", "hostPath": {"path": "/usr"}},
-                {"name": "lib64", "hostPath": {"path": "/lib64"}},
-                {"name": "lib", "hostPath": {"path": "/lib"}}],
-        },
+def kleidi_manifest(host: KleidiHost, image: str) -> str:
+    """kleidi's static pod exactly as `kleidi deploy static-pod` renders it for this config and image."""
+    result = run_kleidi("deploy", "static-pod", "--config", str(host.config), "--image", image)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def chart_objects(host: KleidiHost, image: ImageArtifacts) -> str:
+    """The Helm chart's objects from a real `helm template`, with values for a second kleidi on the node:
+    its own socket directory, keyring directory and health port, the same image."""
+    values = {
+        "image": {"repository": image.reference.rsplit(":", 1)[0], "tag": image.version},
+        "config": host.settings(),
+        "socketHostPath": str(host.run),
+        "hostMounts": [{"name": "keyring", "path": str(host.lib), "type": "Directory"}],
     }
+    values_file = host.etc / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    return helm("template", "kleidi", str(CHART), "--namespace", DAEMONSET_NAMESPACE, "-f", str(values_file)).stdout
 
 
 class Cluster:
     """The node with its two static pods, as the tests see it."""
 
-    def __init__(self, node: Node, api: StaticAPIServer, kleidi: KleidiHost, kleidi_pod: dict[str, Any]) -> None:
-        self.node, self.api, self.kleidi, self.kleidi_pod = node, api, kleidi, kleidi_pod
+    def __init__(self, node: Node, api: StaticAPIServer, kleidi: KleidiHost, kleidi_pod: str,
+                 image: ImageArtifacts) -> None:
+        self.node, self.api, self.kleidi, self.kleidi_pod, self.image = node, api, kleidi, kleidi_pod, image
         self.secrets: dict[str, dict[str, bytes]] = {}
-        self.daemonset_socket: Path | None = None  # set once the Helm chart's DaemonSet runs
+        self.daemonset: KleidiHost | None = None  # set once the Helm chart's DaemonSet runs
 
-    def daemonset_ready(self) -> bool:
+    def daemonset_pod(self) -> dict[str, Any] | None:
+        """The DaemonSet's one pod once it is Running and Ready, else None."""
         result = self.api.kubectl("get", "pods", "-n", DAEMONSET_NAMESPACE, "-l", DAEMONSET_SELECTOR,
                                   "-o", "json", check=False)
         if result.returncode != 0:
-            return False
+            return None
         pods = json.loads(result.stdout)["items"]
-        return len(pods) == 1 and pods[0]["status"].get("phase") == "Running" and self.ready(pods[0])
+        if len(pods) == 1 and pods[0]["status"].get("phase") == "Running" and self.ready(pods[0]):
+            return dict(pods[0])
+        return None
 
     def pod(self, name: str, namespace: str = "kube-system") -> dict[str, Any]:
         result = self.api.kubectl("get", "pod", name, "-n", namespace, "-o", "json", check=False)
@@ -151,6 +142,12 @@ class Cluster:
     def ready(self, pod: dict[str, Any]) -> bool:
         conditions = pod.get("status", {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def node_ready(self) -> bool:
+        result = self.api.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
+        if result.returncode != 0:
+            return False
+        return self.ready(json.loads(result.stdout))
 
     def kleidi_pid(self) -> int | None:
         return self.node.container_pid("kleidi", "kleidi")
@@ -163,10 +160,27 @@ class Cluster:
         return f"{message}\n{self.node.logs()}"
 
 
+def process_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def assert_rootless(pid: int) -> None:
+    """uid and gid 10001 (all four ids), no capabilities at all, no_new_privs, seccomp filtering."""
+    status = process_status(pid)
+    assert status["Uid"].split() == [str(KLEIDI_UID)] * 4
+    assert status["Gid"].split() == [str(KLEIDI_UID)] * 4
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0 and int(status["CapBnd"], 16) == 0
+    assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     binaries = kube_binaries()
-    images = {PAUSE_IMAGE: pause_image(), APISERVER_IMAGE: apiserver_image(binaries["kube-apiserver"])}
+    image = kleidi_image()
+    images = {PAUSE_IMAGE: pause_image(), APISERVER_IMAGE: apiserver_image(binaries["kube-apiserver"]),
+              image.reference: image.archive}
     with node_dir() as workdir:
         node = Node(workdir, binaries)
         try:
@@ -174,17 +188,17 @@ def cluster() -> Iterator[Cluster]:
             node.import_images(images)
             kleidi = KleidiHost(workdir, "kleidi")
             encryption = node.control / "encryption-config.yaml"
-            result = run_kleidi("encryption-config", "--name", "kleidi", "--endpoint", ENDPOINT,
+            result = run_kleidi("encryption-config", "--name", "kleidi", "--endpoint", kleidi.endpoint,
                                 "--resources", "secrets")
             assert result.returncode == 0, result.stderr
             encryption.write_text(result.stdout)
             node.etcd.start()
-            api = node.prepare_apiserver(encryption, kleidi.run, SOCKET_MOUNT)
-            kleidi_pod = kleidi_manifest(kleidi, PAUSE_IMAGE)
+            api = node.prepare_apiserver(encryption, kleidi.run, str(kleidi.run))
+            kleidi_pod = kleidi_manifest(kleidi, image.reference)
             node.write_static_pod("kleidi", kleidi_pod)
             node.write_static_pod("kube-apiserver", api.manifest())
             node.start_kubelet()
-            cluster = Cluster(node, api, kleidi, kleidi_pod)
+            cluster = Cluster(node, api, kleidi, kleidi_pod, image)
             try:
                 cluster.wait_serving(180)
             except AssertionError as exc:
@@ -196,11 +210,14 @@ def cluster() -> Iterator[Cluster]:
 
 
 def test_static_pods_encrypt_secrets_in_etcd(cluster: Cluster) -> None:
-    """kube-apiserver and kleidi run as static pods; Secrets written through that apiserver are
-    encrypted in etcd by kleidi and read back; kleidi runs as 10001 with no capabilities."""
+    """kube-apiserver and kleidi (kleidi's image, the manifest from `kleidi deploy static-pod`) run as
+    static pods; Secrets written through that apiserver are encrypted in etcd by kleidi and read back;
+    kleidi runs as 10001 with no capabilities."""
     api, node = cluster.api, cluster.node
     wait_until(lambda: all(cluster.ready(cluster.pod(f"{name}-{NODE_NAME}")) for name in ("kleidi", "kube-apiserver")),
                60, "both mirror pods Ready")
+    mirror = cluster.pod(f"kleidi-{NODE_NAME}")
+    assert mirror["spec"]["containers"][0]["image"] == cluster.image.reference
     cluster.secrets = create_secrets(api, [f"static-{i}" for i in range(5)])
     key_id = kleidi_status(cluster.kleidi.socket).key_id
     for name, data in cluster.secrets.items():
@@ -208,13 +225,7 @@ def test_static_pods_encrypt_secrets_in_etcd(cluster: Cluster) -> None:
     assert_reads_back(api, cluster.secrets)
     pid = cluster.kleidi_pid()
     assert pid is not None
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    status = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-    assert status["Uid"].split() == [str(KLEIDI_UID)] * 4
-    assert status["Gid"].split() == [str(KLEIDI_UID)] * 4
-    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0 and int(status["CapBnd"], 16) == 0
-    assert status["NoNewPrivs"].strip() == "1"
-    assert status["Seccomp"].strip() == "2"
+    assert_rootless(pid)
 
 
 def test_kubelet_restarts_a_killed_kleidi(cluster: Cluster) -> None:
@@ -237,6 +248,36 @@ def test_kubelet_restarts_a_killed_kleidi(cluster: Cluster) -> None:
     cluster.secrets.update(more)
 
 
+def test_helm_chart_daemonset_serves_on_the_node(cluster: Cluster) -> None:
+    """The Helm chart's DaemonSet (real `helm template`, applied with kubectl) gets a pod on the
+    control-plane node through the scheduler and the DaemonSet controller; the pod runs kleidi's image
+    rootless, turns Ready on kleidi's own /readyz and its socket answers a KMS v2 Status."""
+    api, node = cluster.api, cluster.node
+    try:
+        wait_until(cluster.node_ready, 90, f"node {NODE_NAME} Ready")
+    except AssertionError as exc:
+        raise AssertionError(cluster.fail(str(exc))) from None
+    # What kubeadm does for a control-plane node; the chart's default nodeSelector needs it.
+    api.kubectl("label", "node", NODE_NAME, "node-role.kubernetes.io/control-plane=", "--overwrite")
+    api.kubectl("create", "namespace", DAEMONSET_NAMESPACE)
+    host = KleidiHost(node.workdir, "ds")
+    api.kubectl("apply", "-f", "-", input=chart_objects(host, cluster.image))
+    try:
+        pod = wait_until(cluster.daemonset_pod, 180, "the DaemonSet's pod Running and Ready")
+        wait_until(lambda: serving(host.socket), 30, "the DaemonSet's kleidi serving Status")
+    except AssertionError as exc:
+        raise AssertionError(cluster.fail(str(exc))) from None
+    assert pod["spec"]["nodeName"] == NODE_NAME
+    assert pod["spec"]["containers"][0]["image"] == cluster.image.reference
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet"
+    status = kleidi_status(host.socket)
+    assert status.key_id and status.key_id != kleidi_status(cluster.kleidi.socket).key_id  # its own keyring
+    pid = node.container_pid("kleidi", "kleidi", namespace=DAEMONSET_NAMESPACE)
+    assert pid is not None
+    assert_rootless(pid)
+    cluster.daemonset = host
+
+
 @pytest.mark.parametrize("order", ["together", "kleidi-first", "apiserver-first"])
 def test_cold_start_of_the_whole_node(cluster: Cluster, order: str) -> None:
     """Power cut: kubelet, containerd, every container, etcd and the controllers killed. The node's
@@ -246,10 +287,10 @@ def test_cold_start_of_the_whole_node(cluster: Cluster, order: str) -> None:
 
     ``together``: both manifests present at boot. ``kleidi-first``: the apiserver's manifest comes back
     only once kleidi serves, so kleidi is shown to start with no apiserver anywhere. ``apiserver-first``:
-    kleidi's manifest comes back only once the apiserver runs (not Ready: its KMS provider is missing),
-    and the apiserver recovers without a restart."""
+    kleidi's manifest comes back only once the apiserver's container runs and answers HTTPS (its KMS
+    provider not ready), and the apiserver recovers in that same container, without a restart."""
     node, api = cluster.node, cluster.api
-    held: tuple[str, dict[str, Any]] | None = None
+    held: tuple[str, dict[str, Any] | str] | None = None
     if order == "kleidi-first":
         held = ("kube-apiserver", api.manifest())
     elif order == "apiserver-first":
@@ -259,26 +300,38 @@ def test_cold_start_of_the_whole_node(cluster: Cluster, order: str) -> None:
         (node.manifests / f"{held[0]}.yaml").unlink()
     assert not cluster.kleidi.socket.exists() or not serving(cluster.kleidi.socket)
     node.boot()
+    apiserver_pid: int | None = None
     try:
         if order == "kleidi-first":
             wait_until(lambda: serving(cluster.kleidi.socket), 120, "kleidi serving with no apiserver")
             assert api.get_or_none("/livez") is None, "an apiserver answered while its manifest was held back"
         elif order == "apiserver-first":
-            api.wait_ready(120, path="/livez")
+            # Answering at all is enough: /livez itself stays 500 until its storage is ready, which
+            # waits on the KMS provider (docs/e2e.md).
+            wait_until(lambda: api.get_or_none("/readyz/kms-providers") is not None, 120,
+                       "the apiserver answering HTTPS with no kleidi")
             status, body = api.get("/readyz/kms-providers")
             assert status != 200, body
             assert not serving(cluster.kleidi.socket)
+            apiserver_pid = node.container_pid("kube-apiserver", "kube-apiserver")
+            assert apiserver_pid is not None
         if held is not None:
             node.write_static_pod(*held)
         cluster.wait_serving(180)
     except AssertionError as exc:
         raise AssertionError(cluster.fail(str(exc))) from None
+    if apiserver_pid is not None:
+        assert node.container_pid("kube-apiserver", "kube-apiserver") == apiserver_pid, "the apiserver restarted"
     assert_reads_back(api, cluster.secrets)
     more = create_secrets(api, [f"after-cold-start-{order}"])
     key_id = kleidi_status(cluster.kleidi.socket).key_id
     for name, data in more.items():
         assert_encrypted(node.etcd.get(f"/registry/secrets/default/{name}"), data, key_id)
     cluster.secrets.update(more)
-    if cluster.daemonset_socket is not None:
-        wait_until(lambda: cluster.daemonset_ready(), 180, "the DaemonSet's pod Running and Ready again")
-        wait_until(lambda: serving(cluster.daemonset_socket), 60, "the DaemonSet's kleidi serving again")
+    daemonset = cluster.daemonset
+    if daemonset is not None:
+        try:
+            wait_until(cluster.daemonset_pod, 120, "the DaemonSet's pod Running and Ready again")
+            wait_until(lambda: serving(daemonset.socket), 30, "the DaemonSet's kleidi serving again")
+        except AssertionError as exc:
+            raise AssertionError(cluster.fail(str(exc))) from None
