@@ -124,15 +124,17 @@ class Cluster:
         self.secrets: dict[str, dict[str, bytes]] = {}
         self.daemonset: KleidiHost | None = None  # set once the Helm chart's DaemonSet runs
 
-    def daemonset_pod(self) -> dict[str, Any] | None:
-        """The DaemonSet's one pod once it is Running and Ready, else None."""
+    def daemonset_pod(self, not_container: str | None = None) -> dict[str, Any] | None:
+        """The DaemonSet's one pod once it is Running and Ready (in a container other than
+        ``not_container``, so that a status from before a crash does not count), else None."""
         result = self.api.kubectl("get", "pods", "-n", DAEMONSET_NAMESPACE, "-l", DAEMONSET_SELECTOR,
                                   "-o", "json", check=False)
         if result.returncode != 0:
             return None
         pods = json.loads(result.stdout)["items"]
         if len(pods) == 1 and pods[0]["status"].get("phase") == "Running" and self.ready(pods[0]):
-            return dict(pods[0])
+            if container_id(pods[0]) != not_container:
+                return dict(pods[0])
         return None
 
     def pod(self, name: str, namespace: str = "kube-system") -> dict[str, Any]:
@@ -158,6 +160,12 @@ class Cluster:
 
     def fail(self, message: str) -> str:
         return f"{message}\n{self.node.logs()}"
+
+
+def container_id(pod: dict[str, Any]) -> str | None:
+    statuses = pod.get("status", {}).get("containerStatuses") or [{}]
+    value = statuses[0].get("containerID")
+    return str(value) if value else None
 
 
 def process_status(pid: int) -> dict[str, str]:
@@ -295,6 +303,9 @@ def test_cold_start_of_the_whole_node(cluster: Cluster, order: str) -> None:
         held = ("kube-apiserver", api.manifest())
     elif order == "apiserver-first":
         held = ("kleidi", cluster.kleidi_pod)
+    before = None
+    if cluster.daemonset is not None:
+        before = wait_until(cluster.daemonset_pod, 60, "the DaemonSet's pod Ready before the power cut")
     node.crash()
     if held is not None:
         (node.manifests / f"{held[0]}.yaml").unlink()
@@ -331,7 +342,9 @@ def test_cold_start_of_the_whole_node(cluster: Cluster, order: str) -> None:
     daemonset = cluster.daemonset
     if daemonset is not None:
         try:
-            wait_until(cluster.daemonset_pod, 120, "the DaemonSet's pod Running and Ready again")
+            old = container_id(before or {})
+            wait_until(lambda: cluster.daemonset_pod(not_container=old), 120,
+                       "the DaemonSet's pod Running and Ready again, in a new container")
             wait_until(lambda: serving(daemonset.socket), 30, "the DaemonSet's kleidi serving again")
         except AssertionError as exc:
             raise AssertionError(cluster.fail(str(exc))) from None
