@@ -269,10 +269,13 @@ class _NonRootAPIServer(KubeAPIServer):
 @dataclass
 class Deployment:
     workdir: Path
+    podman: Podman
+    image: str  # its reference in podman's storage
     etcd: Etcd
     kleidi: Container
     health_port: int
     socket: Path  # on the host
+    keyring: Path  # on the host
     encryption_config: Path
     binary: str  # kube-apiserver, where a non-root user may run it
     apiservers: list[KubeAPIServer]
@@ -306,9 +309,12 @@ def deployment(image: ImageArtifacts, podman: Podman) -> Iterator[Deployment]:
         for directory in (etc, lib, run):
             directory.mkdir(mode=0o755)
         os.chown(run, IMAGE_UID, IMAGE_GID)  # kleidi creates its socket here
+        os.chown(lib, IMAGE_UID, IMAGE_GID)  # key commands on the host run as 10001 and replace the file
+        lib.chmod(0o700)
         keyring = lib / "keyring.json"
-        keygen(keyring)  # on the host, as an operator does
-        os.chown(keyring, IMAGE_UID, IMAGE_GID)
+        keygen(keyring)  # on the host, as root here; then everything it made handed to 10001
+        for path in lib.iterdir():  # the keyring and its lock file
+            os.chown(path, IMAGE_UID, IMAGE_GID)
         keyring.chmod(0o600)
         health_port = free_port()
         config = etc / "config.yaml"
@@ -316,7 +322,7 @@ def deployment(image: ImageArtifacts, podman: Podman) -> Iterator[Deployment]:
             "server": {"endpoint": "unix:///var/run/kleidi/kleidi.sock", "socket_mode": "0660",
                        "socket_group": SOCKET_GID, "allowed_gids": [SOCKET_GID]},
             "telemetry": {"address": f"127.0.0.1:{health_port}"},
-            "backend": {"kind": "local", "keyring": "/var/lib/kleidi/keyring.json"},
+            "backend": {"kind": "local", "keyring": "/var/lib/kleidi/keyring.json", "refresh_interval": "1s"},
         }))
         config.chmod(0o644)
         socket_path = run / "kleidi.sock"
@@ -327,13 +333,14 @@ def deployment(image: ImageArtifacts, podman: Podman) -> Iterator[Deployment]:
         encryption_config.write_text(result.stdout)
         encryption_config.chmod(0o644)
         etcd = Etcd(workdir).start()
-        volumes = [f"{config}:/etc/kleidi/config.yaml:ro", f"{keyring}:/var/lib/kleidi/keyring.json:ro",
-                   f"{run}:/var/run/kleidi"]
+        # The keyring's directory, not the file: rotation replaces the file (rename), which a bind mount of
+        # the file itself would never show.
+        volumes = [f"{config}:/etc/kleidi/config.yaml:ro", f"{lib}:/var/lib/kleidi:ro", f"{run}:/var/run/kleidi"]
         with run_container(podman, image.reference, volumes=volumes,
                            options=["--group-add", str(SOCKET_GID)]) as kleidi:
             kleidi.wait_for(lambda: _health(health_port, "/readyz") == 200, timeout=60, what="/readyz 200")
-            deployment = Deployment(workdir, etcd, kleidi, health_port, socket_path, encryption_config, str(binary),
-                                    apiservers)
+            deployment = Deployment(workdir, podman, image.reference, etcd, kleidi, health_port, socket_path, keyring,
+                                    encryption_config, str(binary), apiservers)
             yield deployment
             for server in apiservers:
                 server.stop()
@@ -378,6 +385,22 @@ def test_rootless_container_encrypts_secrets_for_a_root_apiserver(deployment: De
     _secrets_encrypted_in_etcd(deployment.etcd, ["from-root"])
     read = json.loads(api.kubectl("get", "secret", "from-root", "-o", "json").stdout)
     assert read["data"]["value"] == base64.b64encode(SECRET_VALUE.encode()).decode()
+
+    # Rotation on the host (as 10001) reaches kleidi through its read-only mount of the keyring's directory.
+    before = _call_as(deployment.socket, 0, 0, [])
+    assert before.startswith("status OK ")
+    # With the image itself (no kleidi on the host needed), as 10001, the directory writable for this run only.
+    result = deployment.podman.run(deployment.image, "rotate", "--keyring", "/var/lib/kleidi/keyring.json",
+                                   options=["-v", f"{deployment.keyring.parent}:/var/lib/kleidi"])
+    assert result.returncode == 0, result.stderr
+    assert deployment.keyring.stat().st_uid == IMAGE_UID
+    deployment.kleidi.wait_for(lambda: _call_as(deployment.socket, 0, 0, []) != before, timeout=30,
+                               what="the rotated key in Status")
+    api.kubectl("create", "secret", "generic", "after-rotation", f"--from-literal=value={SECRET_VALUE}")
+    _secrets_encrypted_in_etcd(deployment.etcd, ["from-root", "after-rotation"])
+    for name in ("from-root", "after-rotation"):  # the old key version still decrypts
+        read = json.loads(api.kubectl("get", "secret", name, "-o", "json").stdout)
+        assert read["data"]["value"] == base64.b64encode(SECRET_VALUE.encode()).decode()
     assert "refused a caller" not in deployment.kleidi.logs()
 
 
@@ -396,18 +419,26 @@ CALLER = textwrap.dedent("""
     probe.close()
     channel = grpc.insecure_channel("unix://" + path, options=[("grpc.default_authority", "localhost")])
     try:
-        v2_pb2_grpc.KeyManagementServiceStub(channel).Status(v2_pb2.StatusRequest(), timeout=5)
-        print("status OK")
+        status = v2_pb2_grpc.KeyManagementServiceStub(channel).Status(v2_pb2.StatusRequest(), timeout=5)
+        print("status OK", status.key_id)
     except grpc.RpcError as exc:
         print("status", exc.code().name)
 """)
 
 
-def _call_as(socket_path: Path, uid: int, gid: int, groups: list[int]) -> str:
-    result = subprocess.run([sys.executable, "-c", CALLER, str(socket_path), str(uid), str(gid), *map(str, groups)],
-                            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+def _as_user(script: str, *args: object) -> str:
+    """Run ``script`` with the test's Python as root; the script drops to the user under test itself
+    (the venv's interpreter lives under /root, which other users cannot execute)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLEIDI_")}
+    result = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                            timeout=60, check=False, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+def _call_as(socket_path: Path, uid: int, gid: int, groups: list[int]) -> str:
+    """What a Status call from that identity gets: "status OK <key id>", "connect EACCES", "status <code>"."""
+    return _as_user(CALLER, socket_path, uid, gid, *groups)
 
 
 def test_socket_group_admits_a_non_root_apiserver_and_no_one_else(deployment: Deployment) -> None:
@@ -433,7 +464,7 @@ def test_socket_group_admits_a_non_root_apiserver_and_no_one_else(deployment: De
     _secrets_encrypted_in_etcd(deployment.etcd, names)
 
     # The same identity from a client of our own: allowed.
-    assert _call_as(deployment.socket, APISERVER_UID, SOCKET_GID, []) == "status OK"
+    assert _call_as(deployment.socket, APISERVER_UID, SOCKET_GID, []).startswith("status OK ")
     # Neither kleidi's user nor the socket group: the socket file's mode (0660) refuses the connection.
     assert _call_as(deployment.socket, STRANGER_UID, STRANGER_UID, []) == "connect EACCES"
     # The socket group only as a supplementary group: the file mode lets it connect, caller
