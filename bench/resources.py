@@ -1,8 +1,10 @@
 """``python -m bench.resources``: the memory and CPU of ``kleidi serve`` driven as kube-apiserver drives it, for the
 static pod's and the Helm chart's resource requests and limits (issue #13; docs/deploy/static-pod.md).
 
-Per backend (the local keyring; OpenBao Transit through the test suite's harness with ``--backend vault``), one
-fresh ``kleidi serve`` with production settings (bench/plugins.py) goes through:
+Per backend (the local keyring; OpenBao Transit through the test suite's harness), one fresh ``kleidi serve`` with
+production settings (bench/plugins.py) goes through the steps below; ``--backend image`` runs the local backend in
+kleidi's own image instead (scripts/build-image.sh, under podman with the test suite's hardening and private storage,
+tests/deploy/images.py), measured from the host through the container's main process:
 
 1. start: spawn to the first ``ok`` Status; RSS then;
 2. idle: one Status every ``--status-every`` seconds on one long-lived connection (kube-apiserver's health checks),
@@ -22,6 +24,7 @@ in Markdown; ``--json`` also writes the figures. Suggested requests and limits f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -34,13 +37,14 @@ import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
+import yaml
 
 from bench import procmon
 from bench.common import build_loadgen, log, run_json
-from bench.plugins import Kleidi
+from bench.plugins import KLEIDI_INTERVALS, KLEIDI_SETTINGS, Kleidi, status_ok
 from kleidi._proto.kmsv2 import api_pb2 as v2_pb
 from kleidi._proto.kmsv2 import api_pb2_grpc as v2_grpc
 
@@ -117,6 +121,78 @@ class Sampler:
         self._thread.join()
 
 
+class Served(Protocol):
+    """A running kleidi serve: started, stopped, its socket and its host pid."""
+
+    @property
+    def endpoint(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    def start(self, timeout: float = 30) -> float: ...
+
+    def stop(self) -> None: ...
+
+
+class ImageKleidi:
+    """``kleidi serve`` (local backend) in kleidi's image under podman: the image's user (10001), no capabilities,
+    read-only root, host network; config, keyring and socket directory mounted at the static pod's paths."""
+
+    def __init__(self, workdir: Path, podman: Any, reference: str) -> None:
+        from tests.conftest import keygen
+        from tests.deploy.images import IMAGE_GID, IMAGE_UID
+        from tests.support import free_port
+
+        self.podman, self.reference = podman, reference
+        etc, lib, run = workdir / "image-etc", workdir / "image-lib", workdir / "image-run"
+        for directory in (etc, lib, run):
+            directory.mkdir(mode=0o755)
+        keygen(lib / "keyring.json")
+        for path in (lib, lib / "keyring.json", run):
+            os.chown(path, IMAGE_UID, IMAGE_GID)
+        lib.chmod(0o700)
+        run.chmod(0o750)
+        settings = {**KLEIDI_SETTINGS, "server": {"endpoint": "unix:///var/run/kleidi/kleidi.sock"},
+                    "telemetry": {"address": f"127.0.0.1:{free_port()}"},
+                    "backend": {"kind": "local", "keyring": "/var/lib/kleidi/keyring.json", **KLEIDI_INTERVALS}}
+        (etc / "config.yaml").write_text(yaml.safe_dump(settings))
+        (etc / "config.yaml").chmod(0o644)
+        self.volumes = [f"{etc}:/etc/kleidi:ro", f"{lib}:/var/lib/kleidi:ro", f"{run}:/var/run/kleidi"]
+        self.socket_path = run / "kleidi.sock"
+        self._running: contextlib.ExitStack | None = None
+        self._container: Any = None
+        self._pid = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def start(self, timeout: float = 60) -> float:
+        from tests.deploy.images import run_container
+
+        began = time.perf_counter()
+        self._running = contextlib.ExitStack()
+        container = self._running.enter_context(run_container(
+            self.podman, self.reference, "serve", "--config", "/etc/kleidi/config.yaml", volumes=self.volumes))
+        container.wait_for(lambda: status_ok(self.socket_path), timeout=timeout, what="an ok Status")
+        seconds = time.perf_counter() - began
+        self._pid = container.pid()
+        self._container = container
+        return seconds
+
+    def stop(self) -> None:
+        if self._container is not None and not self._container.running():
+            log(f"  the container had exited:\n{self._container.logs()[-3000:]}")
+        if self._running is not None:
+            self._running.close()
+            self._running = None
+
+
 @dataclass
 class Burst:
     op: str
@@ -151,7 +227,7 @@ class Figures:
     status_failures: int
 
 
-def _burst(loadgen: Path, kleidi: Kleidi, op: str, calls: int, concurrency: int, pool: Path | None) -> Burst:
+def _burst(loadgen: Path, kleidi: Served, op: str, calls: int, concurrency: int, pool: Path | None) -> Burst:
     args = [str(loadgen), "load", "-target", kleidi.endpoint, "-op", op, "-c", str(concurrency), "-count", str(calls),
             "-timeout", "10s"]
     if pool is not None:
@@ -166,7 +242,7 @@ def _burst(loadgen: Path, kleidi: Kleidi, op: str, calls: int, concurrency: int,
     return burst
 
 
-def measure(backend: str, kleidi: Kleidi, loadgen: Path, workdir: Path, args: argparse.Namespace) -> Figures:
+def measure(backend: str, kleidi: Served, loadgen: Path, workdir: Path, args: argparse.Namespace) -> Figures:
     log(f"kleidi serve, {backend} backend")
     start_seconds = kleidi.start()
     pid = kleidi.pid
@@ -179,6 +255,8 @@ def measure(backend: str, kleidi: Kleidi, loadgen: Path, workdir: Path, args: ar
         time.sleep(args.idle)
         idle_cpu, idle_wall = procmon.cpu_seconds(pid) - cpu0, time.monotonic() - began
         idle_rss = _status_field(pid, "VmRSS")
+        if not idle_rss:
+            raise RuntimeError(f"kleidi serve (pid {pid}) is gone after the idle window")
         log(f"  idle: {1000 * idle_cpu / idle_wall:.1f} millicores, RSS {idle_rss / MIB:.1f} MiB")
         pool = workdir / f"{backend}-pool.jsonl"
         bursts = [_burst(loadgen, kleidi, "encrypt", args.calls, 8, None)]
@@ -254,15 +332,16 @@ def meta() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.resources", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", action="append", choices=["local", "vault"],
-                        help="backends to measure, repeatable (default: local and vault)")
+    parser.add_argument("--backend", action="append", choices=["local", "vault", "image"],
+                        help="what to measure, repeatable: local, vault, image (the local backend in kleidi's "
+                             "image under podman); default: all three")
     parser.add_argument("--idle", type=float, default=60.0, help="idle window in seconds (default 60)")
     parser.add_argument("--status-every", type=float, default=5.0, help="seconds between idle Status calls")
     parser.add_argument("--calls", type=int, default=5000, help="calls per burst (default 5000)")
     parser.add_argument("--settle", type=float, default=20.0, help="idle seconds after the bursts (default 20)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
-    backends = args.backend or ["local", "vault"]
+    backends = args.backend or ["local", "vault", "image"]
     info = meta()
     loadgen = build_loadgen()
     workdir = Path(tempfile.mkdtemp(prefix="klres-", dir="/tmp"))
@@ -275,6 +354,16 @@ def main(argv: list[str] | None = None) -> int:
                     all_figures.append(measure(backend, kleidi, loadgen, workdir, args))
                 finally:
                     kleidi.stop()
+            elif backend == "image":
+                from tests.deploy.images import kleidi_image, podman_storage
+
+                image = kleidi_image()
+                with podman_storage(image) as podman:
+                    served = ImageKleidi(workdir, podman, image.reference)
+                    try:
+                        all_figures.append(measure("local, in the image (podman)", served, loadgen, workdir, args))
+                    finally:
+                        served.stop()
             else:
                 from bench.kms import Bao
 
@@ -290,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     suggested = suggestion(all_figures)
-    print(f"kleidi {info['kleidi']}, Python {info['python']}, grpcio {info['grpcio']}; "
+    print(f"kleidi {info['kleidi']}, Python {info['python']} (host), grpcio {info['grpcio']}; "
           f"{info['nproc']} x {info['cpu']}; {info['date']}; load average before: {info['loadavg_before']}\n")
     print(table(all_figures))
     print("\nSuggested: " + ", ".join(f"{k} {v}" for k, v in suggested.items()) + ".")
