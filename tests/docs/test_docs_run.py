@@ -41,8 +41,14 @@ the same paths under a temporary root in every command and file, and back in eve
 compared; fixed ports and hosts (the Vault dev server's 127.0.0.1:8200, kubeadm's etcd on
 https://127.0.0.1:2379, the apiserver at https://10.0.0.10:6443) become the test's free ports. Stand-ins
 on PATH: ``kleidi`` is this checkout's (/usr/local/bin/kleidi, as after quickstart 2.2); ``systemctl``
-runs a unit's ExecStart in the background with its UMask, logs to a journal file, ``reload`` runs
-ExecReload (it returns once the service logs that it serves, where real systemd would return at once);
+runs a unit's ExecStart (paths mapped) in the background as the unit's User and Group (uid and gid from
+the temporary root's /etc/passwd, no supplementary groups, through setpriv) with its UMask, makes its
+RuntimeDirectory (under the root's /var/run, with RuntimeDirectoryMode, owned by that user, and
+$RUNTIME_DIRECTORY), logs to a journal file, ``reload`` runs ExecReload (it returns once the service
+logs that it serves, where real systemd would return at once); ``systemd-sysusers`` and
+``systemd-tmpfiles`` are the real ones with ``--root`` set to the temporary root, so the user ``kleidi``
+exists only in the root's /etc/passwd; ``runuser -u USER --`` and ``chown`` take user and group names
+from there (through setpriv and numeric ids), since the host does not know them;
 ``vault`` is the ``bao`` CLI (vault.md says they take the same commands); ``etcdctl`` and ``kubectl``
 come from the venv (the test extra), as the quickstart tells trial users; kubectl finds the apiserver
 through KUBECONFIG, as on a kubeadm node. etcd runs as kubeadm runs it (client TLS with client
@@ -92,8 +98,9 @@ VENV_BIN = Path(sys.executable).parent
 PAGES = {name: ROOT / "docs" / name for name in ("quickstart.md", "backends/local.md", "backends/vault.md")}
 
 # Host paths the pages use, each rewritten to <temporary root><path>.
-MAPPED_DIRS = ("/etc/kleidi", "/etc/kubernetes", "/etc/systemd/system", "/var/lib/kleidi", "/var/run/kleidi",
-               "/var/log/kleidi", "/root", "/usr/local/bin", "/opt/kleidi", "/src")
+MAPPED_DIRS = ("/etc/kleidi", "/etc/kubernetes", "/etc/systemd/system", "/etc/sysusers.d", "/etc/tmpfiles.d",
+               "/var/lib/kleidi", "/var/run/kleidi", "/var/log/kleidi", "/root", "/usr/local/bin", "/opt/kleidi",
+               "/src")
 _MAPPED = re.compile(r"(?<![\w.~-])(" + "|".join(re.escape(d) for d in MAPPED_DIRS) + r")(?![\w.-])")
 
 # Blocks that cannot run here at all, by page and first line, with the reason. Every block marked
@@ -445,18 +452,46 @@ class DocAPIServer(KubeAPIServer):
 
 # ------------------------------------------------------------------------------------------------ the session
 
+# Names of users and groups: from the temporary root's /etc/passwd and /etc/group (made by
+# systemd-sysusers --root), else the host's.
+IDS = r"""
+id_of() {  # id_of passwd|group NAME-OR-NUMBER
+  case "$2" in ''|*[!0-9]*) ;; *) echo "$2"; return ;; esac
+  local id
+  id=$(awk -F: -v n="$2" '$1 == n { print $3 }' "$root/etc/$1" 2>/dev/null)
+  [ -n "$id" ] || id=$(getent "$1" "$2" | cut -d: -f3)
+  [ -n "$id" ] || { echo "no $1 entry named $2" >&2; return 1; }
+  echo "$id"
+}
+primary_gid() { awk -F: -v n="$1" '$1 == n { print $4 }' "$root/etc/passwd"; }
+"""
+
 SYSTEMCTL = r"""#!/usr/bin/env bash
-# systemd stand-in for the doc test: units from $root/etc/systemd/system, ExecStart run in the background
-# with the unit's UMask, output to $root/journal/<unit>.log, the main pid in $root/journal/<unit>.pid.
+# systemd stand-in for the doc test: units from $root/etc/systemd/system, ExecStart (host paths mapped
+# into $root) run in the background as the unit's User/Group with its UMask and RuntimeDirectory,
+# output to $root/journal/<unit>.log, the main pid in $root/journal/<unit>.pid.
 set -euo pipefail
 root=__ROOT__
+__IDS__
 unit() { echo "$root/etc/systemd/system/${1%.service}.service"; }
 key() { sed -n "s/^$2=//p" "$(unit "$1")" | tail -n 1; }
+map() { sed -E "__MAP__"; }
 start() {
-  local name=${1%.service} command
-  command=$(key "$1" ExecStart)
+  local name=${1%.service} command user group as=() runtime
+  command=$(key "$1" ExecStart | map)
+  user=$(key "$1" User)
+  group=$(key "$1" Group)
+  if [ -n "$user" ]; then
+    as=(setpriv "--reuid=$(id_of passwd "$user")" "--regid=$(id_of group "${group:-$user}")" --clear-groups)
+  fi
+  runtime=$(key "$1" RuntimeDirectory)
+  if [ -n "$runtime" ]; then
+    install -d -m "$(key "$1" RuntimeDirectoryMode || true)" -o "$(id_of passwd "${user:-root}")" \
+      -g "$(id_of group "${group:-${user:-root}}")" "$root/var/run/$runtime"
+    export RUNTIME_DIRECTORY="$root/var/run/$runtime"
+  fi
   mkdir -p "$root/journal"
-  (umask "$(key "$1" UMask)"; setsid $command </dev/null >>"$root/journal/$name.log" 2>&1 &
+  (umask "$(key "$1" UMask)"; setsid "${as[@]}" $command </dev/null >>"$root/journal/$name.log" 2>&1 &
    echo $! > "$root/journal/$name.pid")
   for _ in $(seq 200); do
     grep -q 'serving KMS' "$root/journal/$name.log" 2>/dev/null && return 0
@@ -476,18 +511,62 @@ esac
 """
 
 
+ROOTED = r"""#!/usr/bin/env bash
+# __TOOL__ with --root (users, groups and paths of the temporary root); a file named on the command line
+# is read as given (the page's path, already mapped into the root)
+exec /usr/bin/__TOOL__ --root=__ROOT__ "$@"
+"""
+
+RUNUSER = r"""#!/usr/bin/env bash
+# runuser stand-in: runuser -u USER -- COMMAND..., with USER from the root's /etc/passwd
+set -euo pipefail
+root=__ROOT__
+__IDS__
+[ "${1:-}" = -u ] || { echo "runuser stand-in: only runuser -u USER -- COMMAND" >&2; exit 1; }
+user=$2; shift 2
+[ "${1:-}" = -- ] && shift
+exec setpriv --reuid="$(id_of passwd "$user")" --regid="$(primary_gid "$user")" --clear-groups -- "$@"
+"""
+
+CHOWN = r"""#!/usr/bin/env bash
+# chown stand-in: the owner's user and group names from the root's /etc/passwd and /etc/group
+set -euo pipefail
+root=__ROOT__
+__IDS__
+args=() owner=
+for arg in "$@"; do
+  if [ -z "$owner" ] && [ "${arg#-}" = "$arg" ]; then
+    owner=$arg user=${arg%%:*} group=
+    case "$arg" in *:*) group=${arg#*:} ;; esac
+    arg=${user:+$(id_of passwd "$user")}${group:+:$(id_of group "$group")}
+  fi
+  args+=("$arg")
+done
+exec /bin/chown "${args[@]}"
+"""
+
+
 class Session:
     """One user's terminal sessions on one host, under a temporary root."""
 
     def __init__(self, root: Path, apiserver_binary: str, cwd: str) -> None:
         self.root = root
-        for directory in ("etc/systemd/system", "etc/kubernetes/pki", "etc/kubernetes/manifests", "var/lib",
+        for directory in ("etc/systemd/system", "etc/sysusers.d", "etc/tmpfiles.d", "etc/kubernetes/pki",
+                          "etc/kubernetes/manifests", "var/lib",
                           "var/run", "var/log", "usr/local/bin", "root", "opt", "src", "journal", "shims",
                           "doc-test"):
             (root / directory).mkdir(parents=True, exist_ok=True)
         (root / "usr/local/bin/kleidi").symlink_to(VENV_BIN / "kleidi")
         shims = root / "shims"
-        (shims / "systemctl").write_text(SYSTEMCTL.replace("__ROOT__", shlex.quote(str(root))))
+        quoted_root = shlex.quote(str(root))
+        # sed -E script mapping the pages' host paths in a unit's command line into the root
+        mapping = ";".join(f"s#(^|[ =]){re.escape(d)}([/ ]|$)#\\1{root}{d}\\2#g" for d in MAPPED_DIRS)
+        (shims / "systemctl").write_text(SYSTEMCTL.replace("__ROOT__", quoted_root).replace("__IDS__", IDS)
+                                         .replace("__MAP__", mapping))
+        for tool in ("systemd-sysusers", "systemd-tmpfiles"):  # the real ones, inside the root
+            (shims / tool).write_text(ROOTED.replace("__ROOT__", quoted_root).replace("__TOOL__", tool))
+        (shims / "runuser").write_text(RUNUSER.replace("__ROOT__", quoted_root).replace("__IDS__", IDS))
+        (shims / "chown").write_text(CHOWN.replace("__ROOT__", quoted_root).replace("__IDS__", IDS))
         (shims / "vault").write_text(f"#!/bin/sh\nexec {shlex.quote(str(VENV_BIN / 'bao'))} \"$@\"\n")
         for shim in shims.iterdir():
             shim.chmod(0o755)
@@ -500,6 +579,7 @@ class Session:
         self.vault_port = free_port()
         # literal strings of the pages and what they stand for here (and back, in outputs)
         self.subst = [("<kleidi repository URL>", str(ROOT)), ("/path/to/kleidi-checkout", str(ROOT)),
+                      ("/path/to/kleidi/", f"{ROOT}/"),
                       ("127.0.0.1:8200", f"127.0.0.1:{self.vault_port}"), ("https://127.0.0.1:2379", self.etcd.url),
                       ("https://10.0.0.10:6443", self.api.url)]
         self.envfile = root / "doc-test" / "env"
@@ -764,7 +844,7 @@ SCENARIOS: dict[str, str] = {
     "keyring-refused": """
         k=/var/lib/kleidi/keyring.json
         chmod 644 $k; kleidi keys --keyring $k; chmod 600 $k
-        chown 1000 $k; kleidi keys --keyring $k; chown 0 $k
+        chown 1000 $k; kleidi keys --keyring $k; chown kleidi $k
         mv $k $k.away; kleidi keys --keyring $k; mv $k.away $k
     """,
     "keyring-unsafe-at-runtime": """
@@ -773,7 +853,7 @@ SCENARIOS: dict[str, str] = {
         kleidi status --endpoint unix:///var/run/kleidi/kleidi.sock
         chmod 600 /var/lib/kleidi/keyring.json
     """,
-    "keygen-over-a-keyring": "kleidi keygen --keyring /var/lib/kleidi/keyring.json",
+    "keygen-over-a-keyring": "runuser -u kleidi -- kleidi keygen --keyring /var/lib/kleidi/keyring.json",
     "keyring-with-a-retired-version": """
         install -d -m 0700 /root/example
         kleidi keygen --keyring /root/example/keyring.json >/dev/null
@@ -805,7 +885,7 @@ SCENARIOS: dict[str, str] = {
 @pytest.fixture
 def session_root() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="kd-", dir="/tmp"))  # short: socket paths stay under 108 bytes
-    path.chmod(0o700)
+    path.chmod(0o711)  # kleidi's user (the quickstart's unit) reaches its files inside, and lists nothing
     try:
         yield path
     finally:
