@@ -27,7 +27,7 @@ KLEIDI_GID = 10001
 
 # Measured by `python -m bench.resources` (docs/deploy/static-pod.md#resources): kleidi serve holds 82-85 MiB
 # (peak VmHWM at most 88.3 MiB, in kleidi's image, over start-up, idle and bursts of 5000 Encrypt/Decrypt/Status
-# calls; local and Vault backends), uses 1-2 millicores at idle and 0.2-0.4 CPU seconds per 1000 calls. Memory
+# calls; local and Vault backends), uses 1-2 millicores at idle and 0.2-0.6 CPU seconds per 1000 calls. Memory
 # request: steady RSS + 25 %; limit: twice the peak, at least 256Mi (PKCS#11 and TPM libraries were not measured;
 # an OOM kill stops every Secret read on the node). CPU request 50m: kleidi's share when the node is busiest
 # (apiserver start). No CPU limit: throttling a KMS plugin stalls every apiserver call that needs it.
