@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,14 @@ def allowed_syscalls(filters: list[str]) -> list[str]:
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC = 1, 2, 4, 32, 4096, 16384
 _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS, _PR_SET_MDWE, _PR_MDWE_REFUSE_EXEC_GAIN = 24, 38, 65, 1
 _SCMP_ACT_ALLOW = 0x7FFF0000
+_SCMP_CMP_EQ = 4
+
+
+class _ScmpArgCmp(ctypes.Structure):
+    """libseccomp's struct scmp_arg_cmp: argument index, comparison, two operands."""
+
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
 
 
 def _check(result: int, what: str) -> None:
@@ -161,12 +170,20 @@ def _enter_sandbox(spec: dict[str, Any]) -> None:
         seccomp.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
         seccomp.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
         seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
+        seccomp.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                                   ctypes.POINTER(_ScmpArgCmp)]
+        families = spec["address_families"]
         # Everything else fails with SystemCallErrorNumber=; only the native architecture's table
         # (libseccomp's default, as SystemCallArchitectures=native).
         ctx = seccomp.seccomp_init(0x00050000 | spec["errno"])
         for name in spec["syscalls"]:
             number = seccomp.seccomp_syscall_resolve_name(name.encode())
-            if number >= 0:  # a name this architecture does not have is skipped, as systemd does
+            if name == "socket" and families is not None:  # RestrictAddressFamilies=: socket() of these only
+                for family in families:
+                    cmp = _ScmpArgCmp(0, _SCMP_CMP_EQ, family, 0)
+                    _check(seccomp.seccomp_rule_add_array(ctx, _SCMP_ACT_ALLOW, number, 1, ctypes.byref(cmp)),
+                           f"allow socket({family})")
+            elif number >= 0:  # a name this architecture does not have is skipped, as systemd does
                 _check(seccomp.seccomp_rule_add(ctx, _SCMP_ACT_ALLOW, number, 0), f"allow {name}")
         _check(seccomp.seccomp_load(ctx), "seccomp_load")
     os.execve(spec["argv"][0], spec["argv"], spec["env"])
@@ -343,6 +360,7 @@ def _unit_sandbox(uid: int, gid: int, binds: list[tuple[str, bool]], argv: list[
         "mdwe": service("MemoryDenyWriteExecute") == "yes",
         "syscalls": allowed_syscalls(parse_unit(UNIT)["Service.SystemCallFilter"]),
         "errno": {"EPERM": 1}[service("SystemCallErrorNumber")],
+        "address_families": [int(getattr(socket, name)) for name in service("RestrictAddressFamilies").split()],
         "argv": argv, "env": env,
     }
 
@@ -414,7 +432,7 @@ def sandboxed_kleidi(unit_root: UnitRoot, state_dir: Path, tmp_path: Path) -> It
 
 
 PROBE = r"""
-import mmap, os
+import mmap, os, socket
 def attempt(what, call):
     try:
         call()
@@ -427,6 +445,8 @@ attempt("setaffinity", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
 attempt("write-etc", lambda: open("/etc/kleidi-probe", "w"))
 attempt("write-tmp", lambda: open("/tmp/probe", "w").close())
 attempt("read-home", lambda: os.listdir("/home"))
+attempt("netlink-socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close())
+attempt("inet6-socket", lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close())
 print("umask", oct(os.umask(0)))
 """
 
@@ -444,6 +464,8 @@ def test_the_sandbox_refuses_what_the_unit_forbids(unit_root: UnitRoot, state_di
         "write-etc Read-only file system",  # ProtectSystem=strict
         "write-tmp allowed",  # PrivateTmp
         "read-home Permission denied",  # ProtectHome (an empty, inaccessible /home)
+        "netlink-socket Operation not permitted",  # RestrictAddressFamilies (systemd answers EAFNOSUPPORT)
+        "inet6-socket allowed",
         "umask 0o77",  # UMask=0077
     ], log.read_text()
     # outside the sandbox, the same probe is allowed what the sandbox refuses (so the probe can tell)
@@ -453,6 +475,7 @@ def test_the_sandbox_refuses_what_the_unit_forbids(unit_root: UnitRoot, state_di
         Path("/etc/kleidi-probe").unlink(missing_ok=True)
         Path("/tmp/probe").unlink(missing_ok=True)
     assert "nice allowed" in free.stdout and "write-exec-mapping allowed" in free.stdout, free.stdout
+    assert "netlink-socket allowed" in free.stdout, free.stdout
 
 
 def _status_fields(pid: int) -> dict[str, str]:
