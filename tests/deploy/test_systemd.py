@@ -13,9 +13,11 @@ systemd is not PID 1 on the test machines, so no test starts the unit through sy
   CapabilityBoundingSet= and AmbientCapabilities= (empty), NoNewPrivileges, UMask, LimitCORE,
   ProtectSystem=strict (every mount read-only), PrivateTmp, ProtectHome, RuntimeDirectory (the only
   writable path, mode RuntimeDirectoryMode, $RUNTIME_DIRECTORY set), MemoryDenyWriteExecute (the
-  kernel's PR_SET_MDWE, which refuses the same mappings), and SystemCallFilter/SystemCallErrorNumber/
+  kernel's PR_SET_MDWE, which refuses the same mappings), SystemCallFilter/SystemCallErrorNumber/
   SystemCallArchitectures (a seccomp allow-list of exactly the names systemd-analyze lists for the
-  unit's groups, loaded through libseccomp). Callers over the socket: a process whose primary group is
+  unit's groups, loaded through libseccomp) and RestrictAddressFamilies (socket() for the unit's
+  families only; systemd answers others with EAFNOSUPPORT, this filter with EPERM).
+  Callers over the socket: a process whose primary group is
   kleidi's gets Status/Encrypt/Decrypt; one with kleidi's group only as a supplementary group reaches
   the socket but is refused (caller authentication checks the primary gid); one without it cannot
   connect at all.
