@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from kleidi.cli import main
-from kleidi.deploy import chart_schema
+from kleidi.deploy import chart_schema, static_pod
 from tests.deploy.helm import CHART, helm, prometheus_operator_crds, render, template
 from tests.e2e.cluster import Etcd, KubeAPIServer, cleanup, kube_apiserver_binary
 
@@ -114,7 +114,10 @@ def test_daemonset_security_settings(values: Path | None) -> None:
     assert sc.get("allowPrivilegeEscalation") is (None if privileged else False)
     for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
         assert container[probe]["httpGet"] == {"host": "127.0.0.1", "port": 9464, "path": path, "scheme": "HTTP"}
-    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    # the chart's defaults are the static pod's measured figures (one measurement, bench/resources.py)
+    assert container["resources"]["requests"] == static_pod.REQUESTS
+    assert container["resources"]["limits"]["memory"] == static_pod.LIMITS["memory"]
+    assert "cpu" not in container["resources"]["limits"]  # throttling would stall the apiserver's calls
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert volumes["socket-dir"]["hostPath"] == {"path": "/var/run/kleidi", "type": "DirectoryOrCreate"}
