@@ -10,9 +10,11 @@ import base64
 import importlib.metadata
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,37 @@ def test_keygen_refuses_a_non_keyring_file_too(tmp_path):
     result = run_kleidi("keygen", "--keyring", str(keyring))
     assert result.returncode == 2
     assert keyring.read_text() == "something else\n"
+
+
+def test_keygen_where_it_cannot_write_says_so_without_a_traceback(tmp_path):
+    """An unusable directory (a file in its place here; for kleidi's own user, a root-only directory) is an
+    error with its fix, exit 2, not a traceback."""
+    (tmp_path / "not-a-dir").write_text("")
+    result = run_kleidi("keygen", "--keyring", str(tmp_path / "not-a-dir" / "keyring.json"))
+    assert result.returncode == 2, result.stderr
+    assert "cannot create keyring" in result.stderr and "is not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_keygen_as_a_user_who_cannot_write_the_directory_says_so() -> None:
+    """kleidi's own user (uid 10001, as the image and static pod run it) in a directory only root may enter.
+    (Not under tmp_path: pytest's base directory is 0700, so uid 10001 could not even reach it.)"""
+    base = Path(tempfile.mkdtemp(prefix="kleidi-keygen-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        locked = base / "root-only"
+        locked.mkdir(mode=0o700)
+        result = subprocess.run(["setpriv", "--reuid=10001", "--regid=10001", "--clear-groups", KLEIDI, "keygen",
+                                 "--keyring", str(locked / "keyring.json")], capture_output=True, text=True,
+                                env={k: v for k, v in os.environ.items() if not k.startswith("KLEIDI_")},
+                                timeout=60, check=False)
+        assert result.returncode == 2, result.stderr
+        assert "cannot create keyring" in result.stderr and "Permission denied" in result.stderr
+        assert "run as a user who may write" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert list(locked.iterdir()) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # -- rotate / retire / keys -----------------------------------------------------------------------

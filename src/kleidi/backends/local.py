@@ -275,13 +275,22 @@ def locked_file(path: Path) -> Iterator[None]:
 
 def create_keyring(path: Path) -> Keyring:
     """Create a new keyring with one version. Never overwrites an existing file."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with locked_file(path):
-        if os.path.lexists(path):
-            raise KeyringError(f"keyring {path} already exists; kleidi never overwrites a keyring",
-                               fix="use `kleidi rotate` to add a version, or choose another path")
-        keyring = Keyring.new()
-        write_atomically(path, keyring.to_json())
+    if path.parent.exists() and not path.parent.is_dir():
+        raise KeyringError(f"cannot create keyring {path}: {path.parent} is not a directory",
+                           fix="choose a keyring path inside a directory")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with locked_file(path):
+            if os.path.lexists(path):
+                raise KeyringError(f"keyring {path} already exists; kleidi never overwrites a keyring",
+                                   fix="use `kleidi rotate` to add a version, or choose another path")
+            keyring = Keyring.new()
+            write_atomically(path, keyring.to_json())
+    except OSError as exc:
+        # e.g. keygen run as kleidi's own user (uid 10001) in a directory only root may enter
+        raise KeyringError(f"cannot create keyring {path}: {exc.strerror or type(exc).__name__}",
+                           fix=f"run as a user who may write {path.parent}, or create that directory for this "
+                               "user first (it must be writable only by kleidi's user)") from None
     return keyring
 
 
