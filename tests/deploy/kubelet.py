@@ -41,8 +41,9 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: TID251
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: TID251
 from cryptography.x509.oid import NameOID
 
+from tests.conftest import wait_for
 from tests.e2e.cluster import KUBE_VERSION, ROOT, Etcd, KubeAPIServer
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 CACHE = Path(os.environ.get("KUBE_APISERVER_CACHE", str(Path.home() / ".cache" / "kleidi")))
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10.2"
@@ -62,14 +63,8 @@ def run(*args: str, timeout: float = 300, check: bool = True, env: dict[str, str
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    """tests.conftest.wait_for, polling less often: most predicates here run kubectl, crictl or ctr."""
+    return wait_for(predicate, timeout, what, interval)
 
 
 def kube_binaries() -> dict[str, str]:
@@ -267,12 +262,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             tasks = self.ctr("tasks", "list", "--quiet", check=False).stdout.split()
             for task in tasks:
                 self.ctr("tasks", "kill", "--signal", "SIGKILL", task, check=False, timeout=30)
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 30)
         for pid in self.container_pids() + self.shim_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -7,7 +7,6 @@ prometheus-operator CRDs installed) is accepted by the apiserver in a server-sid
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from click.testing import CliRunner
 from kleidi.cli import main
 from kleidi.deploy import chart_schema, static_pod
 from tests.deploy.helm import CHART, helm, prometheus_operator_crds, render, template
-from tests.e2e.cluster import Etcd, KubeAPIServer, cleanup, kube_apiserver_binary
+from tests.e2e.cluster import KubeAPIServer
 
 EXAMPLES = sorted(CHART.glob("ci/*-values.yaml"))
 BACKENDS = {"local", "vault", "pkcs11", "tpm"}
@@ -33,22 +32,13 @@ def _daemonset(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPIServer]:
-    workdir = tmp_path_factory.mktemp("helm-api")
-    etcd = Etcd(workdir)
-    api = KubeAPIServer(workdir, "api", etcd, kube_apiserver_binary(), None)
-    try:
-        etcd.start()
-        api.start()
-        for crd in prometheus_operator_crds().values():
-            api.kubectl("apply", "--server-side", "-f", str(crd))
-        api.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/servicemonitors.monitoring.coreos.com", "crd/podmonitors.monitoring.coreos.com")
-        yield api
-    finally:
-        api.stop()
-        etcd.stop()
-        cleanup(workdir)
+def apiserver(apiserver: KubeAPIServer) -> KubeAPIServer:
+    """The shared dry-run apiserver (tests/deploy/conftest.py), with the ServiceMonitor and PodMonitor CRDs."""
+    for crd in prometheus_operator_crds().values():
+        apiserver.kubectl("apply", "--server-side", "-f", str(crd))
+    apiserver.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                      "crd/servicemonitors.monitoring.coreos.com", "crd/podmonitors.monitoring.coreos.com")
+    return apiserver
 
 
 def test_examples_cover_every_backend() -> None:

@@ -9,7 +9,6 @@ shipped file is the command's default output; a config a static pod cannot run f
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from click.testing import CliRunner
 from kleidi.cli import main
 from kleidi.config import load_settings
 from kleidi.deploy import static_pod
-from tests.e2e.cluster import Etcd, KubeAPIServer, cleanup, kube_apiserver_binary
+from tests.e2e.cluster import KubeAPIServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "deploy" / "static-pod" / "kleidi.yaml"
@@ -61,21 +60,6 @@ def _mounts(manifest: dict[str, Any]) -> dict[str, tuple[bool, str]]:
         found[mount["mountPath"]] = (mount["readOnly"], host.get("type", ""))
     assert len(volumes) == len(found)
     return found
-
-
-@pytest.fixture(scope="module")
-def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPIServer]:
-    workdir = tmp_path_factory.mktemp("static-pod-api")
-    etcd = Etcd(workdir)
-    api = KubeAPIServer(workdir, "api", etcd, kube_apiserver_binary(), None)
-    try:
-        etcd.start()
-        api.start()
-        yield api
-    finally:
-        api.stop()
-        etcd.stop()
-        cleanup(workdir)
 
 
 @pytest.mark.parametrize("kind", sorted(EXAMPLES))

@@ -199,7 +199,7 @@ if __name__ == "__main__":  # the sandbox: python test_systemd.py SPEC-JSON
 import pytest  # noqa: E402  (the sandbox above runs before any of these are imported)
 import yaml  # noqa: E402
 
-from tests.support import free_port  # noqa: E402
+from tests.support import free_port, stop_process  # noqa: E402
 
 
 def _need_root() -> None:
@@ -424,13 +424,7 @@ def sandboxed_kleidi(unit_root: UnitRoot, state_dir: Path, tmp_path: Path) -> It
             time.sleep(0.2)
         yield Sandboxed(proc, log, socket)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, 20)
 
 
 PROBE = r"""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 SWTPM = shutil.which("swtpm")
 
@@ -60,13 +60,8 @@ class Swtpm:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        if proc is not None:
+            stop_process(proc, 5)
 
     def restart(self) -> None:
         self.stop()
