@@ -54,7 +54,8 @@ INDEX_FILE = "recovered.json"
 STDOUT = "-"
 
 SNAPSHOT, DATA_DIR, VALUE = "snapshot", "data-dir", "value"
-DECODED, JSON_DECODED, RAW = "decoded", "json", "raw"
+DECODED, JSON_DECODED, RAW, REENCRYPTED = "decoded", "json", "raw", "reencrypted"
+REENCRYPTED_SUFFIX = ".etcd-value"
 SKIPPED_PLAINTEXT, SKIPPED_OTHER = "not encrypted", "other encryption"
 
 # -- etcd keys and the selection -------------------------------------------------------------------
@@ -303,6 +304,34 @@ class Decryptor:
         return obj.key_id, storage.decrypt_object(obj, seed, key)
 
 
+class Reencryptor:
+    """Seals plaintexts for another kleidi (``--reencrypt-to``) exactly as a Kubernetes 1.29+ apiserver
+    would: one fresh 32-byte seed for the run, wrapped once by that kleidi's Encrypt, and per object
+    HKDF + AES-GCM with the etcd key as authenticated data (:func:`kmsv2_storage.encrypt_object`)."""
+
+    def __init__(self, settings: Any, provider: str | None) -> None:
+        self.target = Decryptor(settings)
+        self.provider = provider
+        self.key_id = ""
+        self._seed = b""
+        self._sealed: Any = None
+
+    async def start(self) -> None:
+        await self.target.start()
+        self._seed = os.urandom(32)
+        self._sealed = await self.target.service.encrypt(self._seed)
+        self.key_id = self._sealed.key_id
+
+    async def close(self) -> None:
+        await self.target.close()
+
+    def seal(self, key: str, plaintext: bytes, source_provider: str) -> bytes:
+        sealed = self._sealed
+        return storage.encrypt_object(self._seed, plaintext, key, provider=self.provider or source_provider,
+                                      key_id=sealed.key_id, encrypted_dek_source=sealed.ciphertext,
+                                      annotations=dict(sealed.annotations))
+
+
 def raw_value(data: bytes) -> bytes:
     """A value as ``etcdctl get --print-value-only`` printed it: without the newline etcdctl adds,
     when the value only parses without it."""
@@ -395,6 +424,7 @@ class Recovered:
     key_id: str
     decoding: str
     file: str | None
+    new_key_id: str | None = None
 
 
 @dataclass
@@ -439,9 +469,10 @@ class Output:
                               fix="choose a directory you may write to") from None
         self.final = final
 
-    def write(self, ref: ObjectRef, suffix: str, text: str) -> str:
+    def write(self, ref: ObjectRef, suffix: str, content: str | bytes) -> str:
         if self.partial is None:
-            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            assert isinstance(content, str)
+            sys.stdout.write(content if content.endswith("\n") else content + "\n")
             return STDOUT
         relative = Path(ref.resource) / (ref.namespace or CLUSTER_SCOPED) / f"{ref.name}{suffix}"
         path = self.partial / relative
@@ -451,8 +482,8 @@ class Output:
             if not directory.is_dir():
                 directory.mkdir(mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content.encode() if isinstance(content, str) else content)
         return str(relative)
 
     def finish(self, report: Report) -> None:
@@ -483,7 +514,7 @@ def render(ref: ObjectRef, key_id: str, decoding: str, obj: dict[str, Any] | Non
 
 async def _recover_items(items: Iterator[tuple[str, bytes]], prefix: str, selection: Selection,
                          decryptor: Decryptor, output: Output, report: Report, strict: bool,
-                         advance: Callable[[], None]) -> None:
+                         advance: Callable[[], None], reencryptor: Reencryptor | None) -> None:
     for key, value in items:
         advance()
         ref = parse_key(key, prefix)
@@ -507,15 +538,28 @@ async def _recover_items(items: Iterator[tuple[str, bytes]], prefix: str, select
         except KleidiError as exc:
             raise type(exc)(f"{key}: {exc.message}", exc.fix) from None
         decoding, kind, obj, facts = decode(plaintext)
-        suffix, text = render(ref, key_id, decoding, obj, facts, plaintext)
-        written = output.write(ref, suffix, text)
-        report.objects.append(Recovered(key, ref.resource, ref.namespace, ref.name, kind, key_id, decoding, written))
+        if reencryptor is not None:  # no plaintext is written: only the value sealed for the other KEK
+            written = output.write(ref, REENCRYPTED_SUFFIX, reencryptor.seal(key, plaintext, provider))
+            decoding = REENCRYPTED
+        else:
+            suffix, text = render(ref, key_id, decoding, obj, facts, plaintext)
+            written = output.write(ref, suffix, text)
+        report.objects.append(Recovered(key, ref.resource, ref.namespace, ref.name, kind, key_id, decoding, written,
+                                        reencryptor.key_id if reencryptor is not None else None))
 
 
 async def recover(settings: Any, *, source: str, path: Path | None = None, value: bytes | None = None,
                   key: str | None = None, output_to: str, selection: Selection = Selection(),
-                  prefix: str = "/registry", progress: bool = False) -> Report:
-    """Recover the selected objects of one source into ``output_to`` (a new directory, or ``-``)."""
+                  prefix: str = "/registry", progress: bool = False, reencrypt_to: Any = None,
+                  reencrypt_provider: str | None = None) -> Report:
+    """Recover the selected objects of one source into ``output_to`` (a new directory, or ``-``).
+
+    With ``reencrypt_to`` (another kleidi's settings), write each object as an etcd value sealed for
+    that kleidi instead of as YAML (``reencrypt_provider``: the provider name in the new cluster's
+    EncryptionConfiguration; default the value's own)."""
+    if reencrypt_to is not None and output_to == STDOUT:
+        raise ConfigError("re-encrypted values are binary and go to a directory, not stdout",
+                          fix="give --output-dir a new directory")
     started = time.monotonic()
     if source == VALUE and (key is None or value is None):
         raise ConfigError("a raw value needs its etcd key", fix="pass --key /registry/<resource>/<namespace>/<name>")
@@ -527,24 +571,29 @@ async def recover(settings: Any, *, source: str, path: Path | None = None, value
     output = Output(output_to)
     report = Report(source=f"{source} {key if source == VALUE else path}", output=str(output.final or STDOUT))
     decryptor = Decryptor(settings)
+    reencryptor = Reencryptor(reencrypt_to, reencrypt_provider) if reencrypt_to is not None else None
     try:
         await decryptor.start()
+        if reencryptor is not None:
+            await reencryptor.start()
         if source == VALUE:
             assert key is not None and value is not None
             await _recover_items(iter([(key, raw_value(value))]), prefix, Selection(), decryptor, output, report,
-                                 strict=True, advance=lambda: None)
+                                 strict=True, advance=lambda: None, reencryptor=reencryptor)
         else:
             assert path is not None
             with open_etcd(source, path) as etcd:
                 key_prefix = selection.key_prefix(prefix)
                 with _progress(progress, etcd.count(key_prefix) if progress else 0) as advance:
                     await _recover_items(etcd.items(key_prefix), prefix, selection, decryptor, output, report,
-                                         strict=False, advance=advance)
+                                         strict=False, advance=advance, reencryptor=reencryptor)
         report.seconds = time.monotonic() - started
         output.finish(report)
     finally:
         output.abandon()
         await decryptor.close()
+        if reencryptor is not None:
+            await reencryptor.close()
     return report
 
 
