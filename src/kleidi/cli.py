@@ -232,6 +232,61 @@ def doctor(config_file: Path | None, encryption_config: Path | None, output: str
         sys.exit(EXIT_FAILED)
 
 
+# -- scan -----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--etcd-endpoints", required=True, metavar="URLS",
+              help="Comma-separated etcd client URLs, as kube-apiserver's --etcd-servers (https://10.0.0.1:2379).")
+@click.option("--etcd-cert", type=click.Path(dir_okay=False, path_type=Path),
+              help="Client certificate, as kube-apiserver's --etcd-certfile.")
+@click.option("--etcd-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Its private key, as kube-apiserver's --etcd-keyfile.")
+@click.option("--etcd-ca", type=click.Path(dir_okay=False, path_type=Path),
+              help="CA bundle that signed etcd's serving certificate, as kube-apiserver's --etcd-cafile.")
+@click.option("--prefix", default="/registry", show_default=True, help="kube-apiserver's --etcd-prefix.")
+@click.option("--resources", default="", help="Comma-separated plural resource names to scan (secrets,configmaps,"
+              "widgets.example.com); default: everything under --prefix.")
+@click.option("--page-size", type=click.IntRange(min=1, max=100_000), default=500, show_default=True,
+              help="Keys read per etcd request.")
+@click.option("--endpoint", help="A running kleidi's socket: compare key_ids with the current one its Status "
+              "reports.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="kleidi's config file: compare key_ids with every version of its backend (old, retired).")
+@click.option("--fail-if", "fail_if", multiple=True, metavar="CONDITION",
+              help="Exit 1 if any object is stored so: `plaintext`, or `key-id=<key_id>`. Repeatable.")
+@output_option
+def scan(etcd_endpoints: str, etcd_cert: Path | None, etcd_key: Path | None, etcd_ca: Path | None, prefix: str,
+         resources: str, page_size: int, endpoint: str | None, config_file: Path | None, fail_if: tuple[str, ...],
+         output: str) -> None:
+    """Count how every object in etcd is stored (plaintext, aescbc, aesgcm, secretbox, KMS v1, KMS v2 per
+    provider and key_id), read-only from one etcd revision; exit 1 if a --fail-if condition is met, 2 if etcd
+    cannot be read (docs/rotation.md)."""
+    from kleidi.etcd import EtcdOptions, EtcdReader, EtcdUnavailable
+    from kleidi.tools import scan as scanning
+
+    conditions = [scanning.Condition.parse(text) for text in fail_if]
+    reader = EtcdReader(EtcdOptions(tuple(e for e in etcd_endpoints.split(",") if e.strip()), etcd_cert, etcd_key,
+                                    etcd_ca))
+    reference = (scanning.reference_from_config(config_file) if config_file is not None
+                 else scanning.reference_from_endpoint(_endpoint(endpoint)) if endpoint is not None else None)
+    try:
+        with scanning.progress_bar(sys.stderr.isatty()) as progress:
+            result = scanning.scan(reader, prefix, resources.split(","), page_size, reference, conditions, progress)
+    except EtcdUnavailable as exc:
+        _fail(exc.message, exc.fix, EXIT_USAGE)
+    if output == "json":
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        print_table(f"kleidi scan of {result.prefix}/ at revision {result.revision}",
+                    ("resource", "stored as", "provider", "key_id", "kleidi version", "key state", "objects"),
+                    scanning.table_rows(result))
+        for line in scanning.summary(result):
+            click.echo(line)
+    if result.failed:
+        sys.exit(EXIT_FAILED)
+
+
 # -- audit ----------------------------------------------------------------------------------------
 
 
