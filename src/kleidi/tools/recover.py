@@ -44,10 +44,10 @@ from google.protobuf.message import DecodeError
 from kleidi._crypto import kmsv2_storage as storage
 from kleidi._proto.k8s import storage_pb2 as k8s
 from kleidi.errors import ConfigError, InvalidRequest, KleidiError
+from kleidi.etcd import classify
 
 K8S_PROTOBUF_MAGIC = b"k8s\x00"
 KMS_V2_PREFIX = storage.PREFIX
-ENCRYPTED_PREFIX = b"k8s:enc:"
 CLUSTER_SCOPED = "_cluster"  # the directory of cluster-scoped objects; no namespace can be named so
 PAGE_SIZE = 500
 INDEX_FILE = "recovered.json"
@@ -56,7 +56,6 @@ STDOUT = "-"
 SNAPSHOT, DATA_DIR, VALUE = "snapshot", "data-dir", "value"
 DECODED, JSON_DECODED, RAW, REENCRYPTED = "decoded", "json", "raw", "reencrypted"
 REENCRYPTED_SUFFIX = ".etcd-value"
-SKIPPED_PLAINTEXT, SKIPPED_OTHER = "not encrypted", "other encryption"
 
 # -- etcd keys and the selection -------------------------------------------------------------------
 
@@ -203,42 +202,15 @@ class ThrowawayEtcd:
     def __exit__(self, *exc: object) -> None:
         self._stop()
 
-    def items(self, key_prefix: str) -> Iterator[tuple[str, bytes]]:
-        return read_prefix("127.0.0.1", self.port, key_prefix)
+    def items(self, key_prefix: str) -> tuple[int, Iterator[tuple[str, bytes]]]:
+        """(how many keys, every key and value) under ``key_prefix``, paged at one pinned revision."""
+        from kleidi.etcd.reader import EtcdOptions, EtcdReader
 
-    def count(self, key_prefix: str) -> int:
-        import etcd3gw
-        from etcd3gw.utils import _encode, _increment_last_byte
-
-        client = etcd3gw.client(host="127.0.0.1", port=self.port, timeout=30)
-        response = client.post(client.get_url("/kv/range"), json={
-            "key": _encode(key_prefix), "range_end": _encode(_increment_last_byte(key_prefix)), "count_only": True})
-        return int(response.get("count", 0))
-
-
-def read_prefix(host: str, port: int, key_prefix: str) -> Iterator[tuple[str, bytes]]:
-    """Every key under ``key_prefix`` with its value, in pages at one revision (never all at once)."""
-    import etcd3gw
-    from etcd3gw.utils import _increment_last_byte
-
-    client = etcd3gw.client(host=host, port=port, timeout=30)
-    range_end = _increment_last_byte(key_prefix)
-    start: str | bytes = key_prefix
-    revision: int | None = None
-    while True:
-        page = client.get(start, metadata=True, range_end=range_end, limit=PAGE_SIZE, revision=revision,
-                          sort_order="ascend", sort_target="key")
-        for value, meta in page:
-            key = meta["key"]
-            yield (key.decode() if isinstance(key, bytes) else str(key)), value
-            if revision is None:
-                revision = int(meta["mod_revision"])
-        if len(page) < PAGE_SIZE:
-            return
-        last = page[-1][1]["key"]
-        start = (last if isinstance(last, bytes) else str(last).encode()) + b"\x00"
-        if revision is None:
-            revision = max(int(meta["mod_revision"]) for _, meta in page)
+        reader = EtcdReader(EtcdOptions(endpoints=(f"http://127.0.0.1:{self.port}",)))
+        prefix = key_prefix.encode()
+        revision, count = reader.snapshot(prefix)
+        pages = reader.pages(prefix, revision, PAGE_SIZE)
+        return count, ((key.decode(errors="replace"), value) for page in pages for key, value in page)
 
 
 @contextlib.contextmanager
@@ -521,13 +493,12 @@ async def _recover_items(items: Iterator[tuple[str, bytes]], prefix: str, select
         if ref is None or not selection.matches(ref):
             continue
         if not value.startswith(KMS_V2_PREFIX):
+            stored = classify(value).cls  # plaintext, aescbc, aesgcm, secretbox, kms-v1, unknown
             if strict:
-                raise InvalidRequest(f"the value of {key} is not KMS v2 encrypted "
-                                     f"({'another provider' if value.startswith(ENCRYPTED_PREFIX) else 'plaintext'})",
+                raise InvalidRequest(f"the value of {key} is not KMS v2 encrypted (it is {stored})",
                                      fix="kleidi recover opens values a KMS v2 plugin encrypted; a plaintext value "
                                          "is readable as it is")
-            reason = SKIPPED_OTHER if value.startswith(ENCRYPTED_PREFIX) else SKIPPED_PLAINTEXT
-            report.skipped[reason] = report.skipped.get(reason, 0) + 1
+            report.skipped[stored] = report.skipped.get(stored, 0) + 1
             continue
         provider = value[len(KMS_V2_PREFIX):].split(b":", 1)[0].decode(errors="replace")
         if selection.provider is not None and provider != selection.provider:
@@ -583,9 +554,9 @@ async def recover(settings: Any, *, source: str, path: Path | None = None, value
         else:
             assert path is not None
             with open_etcd(source, path) as etcd:
-                key_prefix = selection.key_prefix(prefix)
-                with _progress(progress, etcd.count(key_prefix) if progress else 0) as advance:
-                    await _recover_items(etcd.items(key_prefix), prefix, selection, decryptor, output, report,
+                count, items = etcd.items(selection.key_prefix(prefix))
+                with _progress(progress, count) as advance:
+                    await _recover_items(items, prefix, selection, decryptor, output, report,
                                          strict=False, advance=advance, reencryptor=reencryptor)
         report.seconds = time.monotonic() - started
         output.finish(report)
