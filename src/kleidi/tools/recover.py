@@ -43,11 +43,13 @@ from google.protobuf.message import DecodeError
 
 from kleidi._crypto import kmsv2_storage as storage
 from kleidi._proto.k8s import storage_pb2 as k8s
-from kleidi.errors import ConfigError, InvalidRequest, KleidiError
+from kleidi.errors import ConfigError, DecryptionFailed, InvalidRequest, KleidiError
 from kleidi.etcd import classify
 
 K8S_PROTOBUF_MAGIC = b"k8s\x00"
 KMS_V2_PREFIX = storage.PREFIX
+KMS_V1_PREFIX = b"k8s:enc:kms:v1:"
+KMS_V1_KEY_ID = "(KMS v1)"  # v1 values carry no key_id; the envelope's key version selects the KEK
 CLUSTER_SCOPED = "_cluster"  # the directory of cluster-scoped objects; no namespace can be named so
 PAGE_SIZE = 500
 INDEX_FILE = "recovered.json"
@@ -275,6 +277,33 @@ class Decryptor:
             self._seeds[cache_key] = seed
         return obj.key_id, storage.decrypt_object(obj, seed, key)
 
+    async def decrypt_v1(self, key: str, value: bytes, provider: str | None) -> tuple[str, bytes]:
+        """(provider name, plaintext) of one KMS v1 value (kms-protocol.md §4.5): the DEK through kleidi's
+        v1beta1 Decrypt, then AES-GCM with the etcd key as authenticated data (written by 1.25+; the
+        AES-CBC values of 1.24 and older are not read)."""
+        name, wrapped_dek, data = split_v1(value, provider)
+        dek = await self.service.decrypt_v1beta1(wrapped_dek)
+        obj = storage.StoredObject(provider=name, encrypted_data=data, key_id=KMS_V1_KEY_ID,
+                                   encrypted_dek_source=wrapped_dek, dek_source_type=storage.TYPE_AES_GCM_KEY)
+        return name, storage.decrypt_object(obj, dek, key)
+
+
+def split_v1(value: bytes, provider: str | None) -> tuple[str, bytes, bytes]:
+    """(provider name, encrypted DEK, data) of ``k8s:enc:kms:v1:<name>:`` + uint16 BE length + DEK + data.
+    v1 names may hold a ``:``: with ``provider`` given, that name is matched whole."""
+    rest = value[len(KMS_V1_PREFIX):]
+    if provider is not None and rest.startswith(provider.encode() + b":"):
+        name, body = provider, rest[len(provider.encode()) + 1:]
+    else:
+        raw_name, sep, body = rest.partition(b":")
+        if not sep or not raw_name:
+            raise InvalidRequest("KMS v1 value has no provider name after k8s:enc:kms:v1:")
+        name = raw_name.decode(errors="replace")
+    size = int.from_bytes(body[:2], "big")
+    if len(body) < 2 + size + 1 or size == 0:
+        raise InvalidRequest("KMS v1 value is truncated (its encrypted DEK or data is missing)")
+    return name, body[2:2 + size], body[2 + size:]
+
 
 class Reencryptor:
     """Seals plaintexts for another kleidi (``--reencrypt-to``) exactly as a Kubernetes 1.29+ apiserver
@@ -304,15 +333,18 @@ class Reencryptor:
                                       annotations=dict(sealed.annotations))
 
 
-def raw_value(data: bytes) -> bytes:
-    """A value as ``etcdctl get --print-value-only`` printed it: without the newline etcdctl adds,
-    when the value only parses without it."""
+def raw_values(data: bytes) -> list[bytes]:
+    """What a value as ``etcdctl get --print-value-only`` printed it may be, most likely first: without
+    the newline etcdctl adds (KMS v2: when the value only parses without it; KMS v1, which has no
+    structure to check: tried without it, then with it)."""
     if data.endswith(b"\n") and data.startswith(KMS_V2_PREFIX):
         try:
             storage.parse_etcd_value(data)
         except InvalidRequest:
-            return data[:-1]
-    return data
+            return [data[:-1]]
+    if data.endswith(b"\n") and data.startswith(KMS_V1_PREFIX):
+        return [data[:-1], data]
+    return [data]
 
 
 # -- decoding -------------------------------------------------------------------------------------
@@ -492,20 +524,26 @@ async def _recover_items(items: Iterator[tuple[str, bytes]], prefix: str, select
         ref = parse_key(key, prefix)
         if ref is None or not selection.matches(ref):
             continue
-        if not value.startswith(KMS_V2_PREFIX):
-            stored = classify(value).cls  # plaintext, aescbc, aesgcm, secretbox, kms-v1, unknown
+        stored = classify(value)  # plaintext, aescbc, aesgcm, secretbox, kms-v1, kms-v2, unknown
+        is_v1 = value.startswith(KMS_V1_PREFIX)
+        if not is_v1 and not value.startswith(KMS_V2_PREFIX):
             if strict:
-                raise InvalidRequest(f"the value of {key} is not KMS v2 encrypted (it is {stored})",
-                                     fix="kleidi recover opens values a KMS v2 plugin encrypted; a plaintext value "
+                raise InvalidRequest(f"the value of {key} is not KMS encrypted (it is {stored.cls})",
+                                     fix="kleidi recover opens values a KMS plugin encrypted; a plaintext value "
                                          "is readable as it is")
-            report.skipped[stored] = report.skipped.get(stored, 0) + 1
+            report.skipped[stored.cls] = report.skipped.get(stored.cls, 0) + 1
             continue
         provider = value[len(KMS_V2_PREFIX):].split(b":", 1)[0].decode(errors="replace")
-        if selection.provider is not None and provider != selection.provider:
+        if selection.provider is not None and not value.startswith(
+                (KMS_V1_PREFIX if is_v1 else KMS_V2_PREFIX) + selection.provider.encode() + b":"):
             report.skipped["other provider"] = report.skipped.get("other provider", 0) + 1
             continue
         try:
-            key_id, plaintext = await decryptor.decrypt(key, value)
+            if is_v1:
+                provider, plaintext = await decryptor.decrypt_v1(key, value, selection.provider)
+                key_id = KMS_V1_KEY_ID
+            else:
+                key_id, plaintext = await decryptor.decrypt(key, value)
         except KleidiError as exc:
             raise type(exc)(f"{key}: {exc.message}", exc.fix) from None
         decoding, kind, obj, facts = decode(plaintext)
@@ -549,8 +587,15 @@ async def recover(settings: Any, *, source: str, path: Path | None = None, value
             await reencryptor.start()
         if source == VALUE:
             assert key is not None and value is not None
-            await _recover_items(iter([(key, raw_value(value))]), prefix, Selection(), decryptor, output, report,
-                                 strict=True, advance=lambda: None, reencryptor=reencryptor)
+            candidates = raw_values(value)
+            for i, candidate in enumerate(candidates):
+                try:
+                    await _recover_items(iter([(key, candidate)]), prefix, Selection(), decryptor, output, report,
+                                         strict=True, advance=lambda: None, reencryptor=reencryptor)
+                    break
+                except DecryptionFailed:
+                    if i == len(candidates) - 1:
+                        raise
         else:
             assert path is not None
             with open_etcd(source, path) as etcd:
