@@ -287,6 +287,63 @@ def scan(etcd_endpoints: str, etcd_cert: Path | None, etcd_key: Path | None, etc
         sys.exit(EXIT_FAILED)
 
 
+# -- migrate --------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--kubeconfig", type=click.Path(dir_okay=False, path_type=Path),
+              help="The kubeconfig to use (default: KUBECONFIG, then ~/.kube/config, then in-cluster).")
+@click.option("--context", help="The kubeconfig context (default: its current context).")
+@click.option("--resources", default="secrets", show_default=True,
+              help="Comma-separated plural resource names to rewrite: secrets,configmaps,widgets.example.com.")
+@click.option("--namespace", "-n", help="Only this namespace (default: every namespace).")
+@click.option("--qps", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="At most this many apiserver requests a second.")
+@click.option("--concurrency", type=click.IntRange(min=1, max=64), default=4, show_default=True,
+              help="At most this many updates in flight.")
+@click.option("--page-size", type=click.IntRange(min=1, max=10_000), default=250, show_default=True,
+              help="Objects per list request.")
+@click.option("--retries", type=click.IntRange(min=0, max=100), default=5, show_default=True,
+              help="Re-read and retry an object this many times when it changed meanwhile (409).")
+@click.option("--state-file", type=click.Path(dir_okay=False, path_type=Path),
+              default="kleidi-migrate.state.json", show_default=True,
+              help="Where progress is kept (0600) until the run ends.")
+@click.option("--resume", is_flag=True, help="Continue the run whose progress is in --state-file.")
+@click.option("--stop-after", type=click.IntRange(min=1), metavar="N",
+              help="Stop (progress saved, exit 3) after N objects: migrate in batches.")
+@click.option("--etcd-endpoints", metavar="URLS",
+              help="etcd client URLs, as kube-apiserver's --etcd-servers: prove with a scan that nothing is left "
+                   "on an old key_id.")
+@click.option("--etcd-cert", type=click.Path(dir_okay=False, path_type=Path),
+              help="As kube-apiserver's --etcd-certfile.")
+@click.option("--etcd-key", type=click.Path(dir_okay=False, path_type=Path), help="As kube-apiserver's --etcd-keyfile.")
+@click.option("--etcd-ca", type=click.Path(dir_okay=False, path_type=Path), help="As kube-apiserver's --etcd-cafile.")
+@click.option("--prefix", default="/registry", show_default=True, help="kube-apiserver's --etcd-prefix.")
+@click.option("--old-key-id", "old_key_ids", multiple=True, metavar="KEY_ID",
+              help="The key_id to prove empty (repeatable); default: every key_id but the current one.")
+@click.option("--endpoint", help="A running kleidi's socket: its Status names the current key_id for the proof.")
+@output_option
+def migrate(kubeconfig: Path | None, context: str | None, resources: str, namespace: str | None, qps: float,
+            concurrency: int, page_size: int, retries: int, state_file: Path, resume: bool, stop_after: int | None,
+            etcd_endpoints: str | None, etcd_cert: Path | None, etcd_key: Path | None, etcd_ca: Path | None,
+            prefix: str, old_key_ids: tuple[str, ...], endpoint: str | None, output: str) -> None:
+    """Rewrite every selected object through kube-apiserver so that it is stored with the current key, then
+    prove with a scan of etcd that nothing is left on the old key_id (docs/rotation.md)."""
+    from kleidi.etcd import EtcdUnavailable
+    from kleidi.tools import migrate as mig
+
+    try:
+        code = mig.main(mig.CliArgs(
+            kubeconfig, context, resources, namespace, qps, concurrency, page_size, retries, state_file, resume,
+            stop_after, etcd_endpoints, etcd_cert, etcd_key, etcd_ca, prefix, old_key_ids,
+            _endpoint(endpoint) if endpoint is not None else None, output))
+    except mig.ApiLost as exc:
+        _fail(exc.message, exc.fix, mig.EXIT_STOPPED)
+    except (mig.ApiUnavailable, EtcdUnavailable) as exc:
+        _fail(exc.message, exc.fix, EXIT_USAGE)
+    sys.exit(code)
+
+
 # -- audit ----------------------------------------------------------------------------------------
 
 
