@@ -158,6 +158,28 @@ def test_fail_if_exit_codes(etcd: Etcd) -> None:
     assert "Traceback" not in bad.stderr
 
 
+def test_next_endpoint_when_one_is_down_and_compaction_during_a_scan(etcd: Etcd) -> None:
+    p = "/t-endpoints"
+    put_raw(etcd.url, [(f"{p}/secrets/ns/s{i}", b'{"kind":"Secret"}') for i in range(5)])
+    dead = f"http://127.0.0.1:{free_port()}"
+    report = scan_json("--etcd-endpoints", f"{dead},{etcd.url}", "--prefix", p)
+    assert report["objects"] == 5 and report["endpoint"] == etcd.url
+
+    from etcd3gw.client import Etcd3Client
+
+    from kleidi.etcd import EtcdOptions, EtcdReader, EtcdUnavailable
+
+    reader = EtcdReader(EtcdOptions((etcd.url,)))
+    revision, count = reader.snapshot(f"{p}/".encode())
+    assert count == 5
+    put_raw(etcd.url, [(f"{p}/secrets/ns/s9", b"{}")])  # written after the snapshot: not in it
+    assert sum(len(page) for page in reader.pages(f"{p}/".encode(), revision, 2)) == 5
+    client = Etcd3Client(host="127.0.0.1", port=etcd.port, api_path="/v3/")
+    client.post(client.get_url("/kv/compaction"), json={"revision": revision + 1})
+    with pytest.raises(EtcdUnavailable, match=f"etcd compacted revision {revision} during the scan"):
+        list(reader.pages(f"{p}/".encode(), revision, 2))
+
+
 def test_etcd_down_is_a_clear_error() -> None:
     result = scan("--etcd-endpoints", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 2

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kleidi.errors import ConfigError
+from kleidi.errors import ConfigError, KleidiError
 from kleidi.etcd import EtcdReader, KeyState, classify, kleidi_key_version, resource_of
 from kleidi.etcd.classify import CLASSES, KMS_V2, PLAINTEXT
 from kleidi.etcd.reader import DEFAULT_PAGE_SIZE
@@ -80,6 +80,11 @@ def reference_from_config(config_file: Path | None, backend_overrides: dict[str,
     except TimeoutError:
         raise ConfigError(f"the {settings.backend.kind} backend did not answer in time",
                           fix="check it with `kleidi doctor`") from None
+    except ConfigError:
+        raise
+    except KleidiError as exc:  # e.g. BackendUnavailable: scan could not look, which is exit 2, not 1
+        raise ConfigError(f"cannot read the key versions of the {settings.backend.kind} backend: {exc.message}",
+                          fix=exc.fix or "check it with `kleidi doctor`") from None
     return Reference(source=f"{settings.backend.kind} backend of {config_file or 'the default config'}",
                      current=keys.current.key_id, usable=frozenset(keys.usable), retired=frozenset(keys.retired),
                      versions_known=True)
