@@ -8,6 +8,7 @@ against the apiserver's kubeconfig; every assertion about storage reads the raw 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import pytest
 
 from kleidi.tools import migrate as mig
 from tests.conftest import KLEIDI, run_kleidi, wait_for
+from tests.e2e.cluster import ETCDCTL
 from tests.e2e.conftest import ControlPlane, apiserver_binary, cluster, control_plane  # noqa: F401 - fixtures
 from tests.e2e.test_kube_apiserver import create_secrets, key_id_of, provoke_status_poll, stored
 
@@ -94,6 +96,19 @@ def test_thousands_of_secrets_move_to_the_new_key_interrupted_and_resumed(cluste
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
     assert key_ids(plane) == {new_key_id: 600, old_key_id: SECRETS - 600}
 
+    # A continue token expires when etcd has compacted past the list's revision (the apiserver compacts
+    # every 5 minutes) and the apiserver's watch cache no longer holds that revision either. Age the saved
+    # token so (its revision set back to 2, etcd compacted to now): the resumed run gets the apiserver's
+    # real 410 answer, lists again from the start and skips what was done.
+    revision = json.loads(subprocess.run([ETCDCTL, "--endpoints", plane.etcd.url, "-w", "json", "get", "x"],
+                                         capture_output=True, check=True).stdout)["header"]["revision"]
+    subprocess.run([ETCDCTL, "--endpoints", plane.etcd.url, "compact", str(revision)], capture_output=True, check=True)
+    saved = json.loads(state.read_text())
+    token = json.loads(base64.urlsafe_b64decode(saved["progress"][0]["continue_token"] + "=="))
+    saved["progress"][0]["continue_token"] = base64.urlsafe_b64encode(
+        json.dumps({**token, "rv": 2}, separators=(",", ":")).encode()).decode().rstrip("=")
+    state.write_text(json.dumps(saved))
+
     # 2. Resumed, then interrupted by SIGINT part-way: it stops after the requests in flight (exit 3).
     proc = subprocess.Popen([KLEIDI, *migrate_args(api, plane, state, "--resume", "--qps", "100")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -114,6 +129,7 @@ def test_thousands_of_secrets_move_to_the_new_key_interrupted_and_resumed(cluste
     assert 800 <= moved < SECRETS, moved
     saved = json.loads(state.read_text())["progress"][0]
     assert saved["counts"]["rewritten"] == moved, saved  # the state counts exactly what reached etcd
+    assert saved["counts"]["restarts"] == 1, saved  # the expired continue token was met, and handled
 
     # 3. Resumed to the end: every Secret is on the new key_id, proven by the command's own scan of etcd.
     last = run_kleidi(*migrate_args(api, plane, state, "--resume", "--old-key-id", old_key_id), timeout=120)

@@ -267,6 +267,7 @@ class Counts:
     conflicts: int = 0  # conflicts met (each re-read and retried)
     deleted: int = 0  # gone (404) before it could be rewritten: skipped
     failed: int = 0
+    restarts: int = 0  # lists started again because their continue token expired (410)
 
 
 @dataclass
@@ -458,6 +459,7 @@ class Migration:
             if page.status == 410 and token:
                 token = None
                 progress.continue_token = None
+                progress.counts.restarts += 1
                 continue
             if page.status != 200:
                 raise ApiUnavailable(f"listing {resource.name} failed: {page.reason}",
@@ -467,8 +469,10 @@ class Migration:
             raw = page.body.get("items") or []
             items = [item for item in raw if progress.after is None or _key(item) > progress.after]
             remaining = meta.get("remainingItemCount")
-            yield items, next_token, _key(raw[-1]) if raw else progress.after, \
-                len(items) + int(remaining) if isinstance(remaining, int) else None
+            last = _key(raw[-1]) if raw else None
+            if progress.after is not None and (last is None or last < progress.after):
+                last = progress.after  # a list started again is behind what was done: never move back
+            yield items, next_token, last, len(items) + int(remaining) if isinstance(remaining, int) else None
             if not next_token:
                 return
             token = next_token
