@@ -488,4 +488,59 @@ def config_check(config_file: Path | None, backend_overrides: dict[str, Any], ou
     click.echo(yaml.safe_dump(dumped, sort_keys=False), nl=False)
 
 
+# -- recover --------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--snapshot", type=click.Path(path_type=Path), help="An etcd snapshot file (etcdctl snapshot save).")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="An etcd data directory (copied; never touched).")
+@click.option("--value-file", type=click.File("rb"),
+              help="One raw value as `etcdctl get --print-value-only` writes it ('-' for stdin); needs --key.")
+@click.option("--key", help="The etcd key of --value-file, e.g. /registry/secrets/default/db-password.")
+@config_option
+@click.option("--output-dir", required=True,
+              help="A new directory for the objects (created 0700, files 0600); '-' writes them to stdout.")
+@click.option("--resource", help="Only this resource: secrets, configmaps, <plural>.<group>.")
+@click.option("--namespace", help="Only this namespace.")
+@click.option("--name", help="Only objects of this name.")
+@click.option("--provider", help="Only values of this KMS v2 provider name (default: every KMS v2 value).")
+@click.option("--prefix", default="/registry", show_default=True, help="kube-apiserver's --etcd-prefix.")
+@click.option("--reencrypt-to", type=click.Path(dir_okay=False, path_type=Path),
+              help="Another kleidi's config: write etcd-ready values sealed for its KEK instead of YAML.")
+@click.option("--reencrypt-provider", help="Provider name for --reencrypt-to values (default: each value's own).")
+@output_option
+def recover(snapshot: Path | None, data_dir: Path | None, value_file: Any, key: str | None, config_file: Path | None,
+            output_dir: str, resource: str | None, namespace: str | None, name: str | None, provider: str | None,
+            prefix: str, reencrypt_to: Path | None, reencrypt_provider: str | None, output: str) -> None:
+    """Decrypt objects from an etcd backup offline with kleidi's backend and write them as Kubernetes YAML.
+
+    No apiserver is needed: a snapshot, a data directory or one raw value, and kleidi's config. The drill
+    is docs/disaster-recovery.md."""
+    import asyncio
+
+    from kleidi.tools import recover as rec
+
+    given = [flag for flag, value in (("--snapshot", snapshot), ("--data-dir", data_dir),
+                                      ("--value-file", value_file)) if value is not None]
+    if len(given) != 1:
+        _fail("give exactly one of --snapshot, --data-dir, --value-file", "see kleidi recover --help", EXIT_USAGE)
+    if (key is not None) != (value_file is not None):
+        _fail("--key goes with --value-file (and only with it)", "pass both, or use --snapshot/--data-dir", EXIT_USAGE)
+    source = rec.SNAPSHOT if snapshot else rec.DATA_DIR if data_dir else rec.VALUE
+    report = asyncio.run(rec.recover(
+        load(config_file), source=source, path=snapshot or data_dir, key=key,
+        value=value_file.read() if value_file is not None else None, output_to=output_dir,
+        selection=rec.Selection(resource, namespace, name, provider), prefix=prefix,
+        progress=sys.stderr.isatty() and output == "text",
+        reencrypt_to=load(reencrypt_to) if reencrypt_to is not None else None, reencrypt_provider=reencrypt_provider))
+    if output == "json":
+        click.echo(json.dumps(report.as_dict(), indent=2), err=output_dir == rec.STDOUT)
+        return
+    click.echo(f"recovered {len(report.objects)} objects into {report.output} in {report.seconds:.1f}s", err=True)
+    for reason, count in sorted(report.skipped.items()):
+        click.echo(f"  skipped {count} ({reason})", err=True)
+    if output_dir != rec.STDOUT:
+        print_table("kleidi recover", ("resource", "written as", "objects"), report.by_resource())
+
+
 _add_backend_commands()
