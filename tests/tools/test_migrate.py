@@ -186,10 +186,18 @@ def test_conflicts_are_retried_and_deleted_objects_skipped(cluster: Any) -> None
         labels = json.loads(api.kubectl("get", "secret", f"changed{i}", "-n", "racing", "-o", "json").stdout)
         assert labels["metadata"]["labels"] == {"touched": f"changed{i}"}
 
-    # Without etcd access the run still rewrites, but says the proof was skipped (exit 4).
+    # Several resources, one of a named group (discovered through /apis); without etcd access the run
+    # still rewrites, but says the proof was skipped (exit 4).
+    api.kubectl("create", "configmap", "settings", "-n", "racing", "--from-literal=mode=strict")
     skipped = run_kleidi("migrate", "--kubeconfig", str(api.kubeconfig), "-n", "racing", "--state-file",
-                         str(plane.workdir / "unproven.json"))
+                         str(plane.workdir / "unproven.json"), "--resources",
+                         "secrets,configmaps,leases.coordination.k8s.io")
     assert skipped.returncode == mig.EXIT_UNPROVEN, skipped.stderr
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in skipped.stdout.splitlines()]
+    rows = {row[0]: row[1:] for row in cells if row and row[0] != "resource"}
+    # done, listed, rewritten, conflicts retried, deleted meanwhile, failed
+    assert rows == {"secrets": ["yes", "8", "8", "0", "0", "0"], "configmaps": ["yes", "1", "1", "0", "0", "0"],
+                    "leases.coordination.k8s.io": ["yes", "0", "0", "0", "0", "0"]}, skipped.stdout
     assert "not proven: no etcd access" in skipped.stdout
 
 
