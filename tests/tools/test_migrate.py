@@ -199,6 +199,10 @@ def test_conflicts_are_retried_and_deleted_objects_skipped(cluster: Any) -> None
     assert rows == {"secrets": ["yes", "8", "8", "0", "0", "0"], "configmaps": ["yes", "1", "1", "0", "0", "0"],
                     "leases.coordination.k8s.io": ["yes", "0", "0", "0", "0", "0"]}, skipped.stdout
     assert "not proven: no etcd access" in skipped.stdout
+    cluster_wide = run_kleidi("migrate", "--kubeconfig", str(api.kubeconfig), "-n", "racing", "--state-file",
+                              str(plane.workdir / "refused.json"), "--resources",
+                              "clusterroles.rbac.authorization.k8s.io")
+    assert cluster_wide.returncode == mig.EXIT_USAGE and "is not namespaced" in cluster_wide.stderr, cluster_wide.stderr
 
 
 def closed_port() -> int:

@@ -424,6 +424,10 @@ class Migration:
         opts = self.options
         state = load_state(opts.state_file, opts.resources, opts.namespace, opts.resume)
         resources = [discover(self.api, name) for name in opts.resources]
+        for resource in resources:
+            if opts.namespace and not resource.namespaced:
+                raise ConfigError(f"--resources: {resource.name} is not namespaced, so --namespace cannot select "
+                                  "among them", fix=f"migrate {resource.name} in a run without --namespace")
         state.save(opts.state_file)
         stopped: str | None = None
         try:
