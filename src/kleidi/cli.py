@@ -517,8 +517,11 @@ def recover(snapshot: Path | None, data_dir: Path | None, value_file: Any, key: 
     No apiserver is needed: a snapshot, a data directory or one raw value, and kleidi's config. The drill
     is docs/disaster-recovery.md."""
     import asyncio
+    import signal
 
     from kleidi.tools import recover as rec
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: stop etcd, delete the partial output
 
     given = [flag for flag, value in (("--snapshot", snapshot), ("--data-dir", data_dir),
                                       ("--value-file", value_file)) if value is not None]

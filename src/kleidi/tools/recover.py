@@ -21,6 +21,7 @@ a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime
@@ -521,6 +522,7 @@ async def _recover_items(items: Iterator[tuple[str, bytes]], prefix: str, select
                          advance: Callable[[], None], reencryptor: Reencryptor | None) -> None:
     for key, value in items:
         advance()
+        await asyncio.sleep(0)  # a cancellation (Ctrl-C, SIGTERM) lands here, between objects, and cleans up
         ref = parse_key(key, prefix)
         if ref is None or not selection.matches(ref):
             continue
