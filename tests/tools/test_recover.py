@@ -27,7 +27,7 @@ from kleidi.config import load_settings
 from kleidi.errors import DecryptionFailed
 from kleidi.tools import recover as rec
 from tests.backend_harness import BackendUnderTest, backend_params
-from tests.conftest import KleidiProcess, keygen, run_kleidi
+from tests.conftest import KleidiProcess, keygen, run_kleidi, wait_for
 from tests.e2e.cluster import ETCDCTL, KubeAPIServer
 from tests.e2e.conftest import ControlPlane, apiserver_binary, control_plane  # noqa: F401 - fixtures
 from tests.e2e.test_kube_apiserver import create_secrets
@@ -58,15 +58,31 @@ def decoded(obj: dict[str, Any]) -> dict[str, bytes]:
     return {k: base64.b64decode(v) for k, v in obj.get("data", {}).items()}
 
 
-def make_backup(plane: ControlPlane, backend: dict[str, Any] | None) -> dict[str, Any]:
-    """A cluster on one backend encrypting Secrets and ConfigMaps; objects created; a snapshot saved;
-    then every process stopped (the etcd data dir is left as the last state)."""
+CRD = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+       "metadata": {"name": "widgets.example.com"},
+       "spec": {"group": "example.com", "scope": "Namespaced",
+                "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+                "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                    "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}
+WIDGET = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w1", "namespace": "team-a"},
+          "spec": {"size": 3, "colour": "teal"}}
+
+
+def make_backup(plane: ControlPlane, backend: dict[str, Any] | None, custom_resource: bool = False) -> dict[str, Any]:
+    """A cluster on one backend encrypting Secrets and ConfigMaps (and a custom resource, stored as JSON);
+    objects created; a snapshot saved; then every process stopped (the etcd data dir is left as the last state)."""
     kleidi = plane.kleidi(backend=backend)
-    api = plane.apiserver(config=plane.encryption_config(kleidi, resources="secrets,configmaps"))
+    resources = "secrets,configmaps" + (",widgets.example.com" if custom_resource else "")
+    api = plane.apiserver(config=plane.encryption_config(kleidi, resources=resources))
     secrets = create_secrets(api, ["db", "tls"], namespace="default")
     api.kubectl("create", "namespace", "team-a")
     secrets_a = create_secrets(api, ["token"], namespace="team-a")
     api.kubectl("create", "configmap", "settings", "-n", "team-a", "--from-literal=mode=strict")
+    if custom_resource:
+        api.kubectl("create", "-f", "-", input=json.dumps(CRD))
+        api.kubectl("wait", "--for", "condition=established", "crd/widgets.example.com", "--timeout=60s")
+        wait_for(lambda: api.kubectl("create", "-f", "-", input=json.dumps(WIDGET), check=False).returncode == 0,
+                 30, "the Widget API to be served", interval=0.5)
     snapshot = plane.workdir / "etcd.snapshot"
     etcdctl(plane, "snapshot", "save", str(snapshot))
     raw = etcdctl(plane, "get", "--print-value-only", "/registry/secrets/team-a/token").stdout
@@ -87,7 +103,7 @@ def backup(request: pytest.FixtureRequest, control_plane: ControlPlane) -> dict[
 @pytest.fixture
 def local_backup(control_plane: ControlPlane) -> dict[str, Any]:  # noqa: F811
     """A backup of the quickstart's cluster (local keyring)."""
-    return make_backup(control_plane, None)
+    return make_backup(control_plane, None, custom_resource=True)
 
 
 @pytest.mark.e2e
@@ -134,7 +150,12 @@ def test_recover_selections_data_dir_stdout_and_bad_input(local_backup: dict[str
     out = tmp_path / "team-a"
     result = recover(config, "--data-dir", str(data_dir), "--namespace", "team-a", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr
-    assert set(load_dir(out)) == {"secrets/team-a/token.yaml", "configmaps/team-a/settings.yaml"}
+    files = load_dir(out)
+    assert set(files) == {"secrets/team-a/token.yaml", "configmaps/team-a/settings.yaml",
+                          "widgets.example.com/team-a/w1.yaml"}
+    widget = files["widgets.example.com/team-a/w1.yaml"]  # stored as JSON, written back as YAML
+    assert (widget["kind"], widget["spec"]) == ("Widget", WIDGET["spec"])
+    assert "resourceVersion" not in widget["metadata"] and "uid" not in widget["metadata"]
     assert sorted((p.relative_to(data_dir), p.stat().st_mtime_ns) for p in data_dir.rglob("*")) == before
 
     # One object, to stdout only when asked with '-'.
@@ -310,3 +331,17 @@ def test_upstream_vectors_through_kleidis_decrypt(tmp_path: Path) -> None:
 def test_etcd_keys_map_to_objects(key: str, ref: tuple[str, str | None, str] | None) -> None:
     parsed = rec.parse_key(key, "/registry")
     assert (None if parsed is None else (parsed.resource, parsed.namespace, parsed.name)) == ref
+
+
+def test_other_protobuf_types_are_written_raw() -> None:
+    """A built-in kleidi does not decode (here a ServiceAccount) keeps its exact decrypted bytes, base64."""
+    from kleidi._proto.k8s import storage_pb2 as k8s
+
+    plaintext = b"k8s\x00" + k8s.Unknown(typeMeta=k8s.TypeMeta(apiVersion="v1", kind="ServiceAccount"),
+                                          raw=b"\x0a\x05\x0a\x03bot").SerializeToString()
+    decoding, kind, obj, facts = rec.decode(plaintext)
+    assert (decoding, kind, obj) == (rec.RAW, "ServiceAccount", None)
+    ref = rec.ObjectRef("/registry/serviceaccounts/default/bot", "serviceaccounts", "default", "bot")
+    suffix, text = rec.render(ref, "kid", decoding, obj, facts, plaintext)
+    assert suffix == ".raw.b64"
+    assert base64.b64decode(text.splitlines()[-1]) == plaintext
