@@ -211,6 +211,8 @@ def test_recover_selections_data_dir_stdout_and_bad_input(local_backup: dict[str
     refused(["--snapshot", snapshot, "--output-dir", str(locked / "out")], 2,
             "is not a directory" if os.geteuid() == 0 else "cannot create a directory")
     refused(["--snapshot", snapshot, "--data-dir", str(data_dir)], 2, "exactly one of")
+    # A selection that matches nothing is not a successful recovery.
+    refused(["--snapshot", snapshot, "--namespace", "no-such-namespace"], 1, "no KMS-encrypted object matched")
 
 
 @pytest.mark.e2e

@@ -605,6 +605,10 @@ async def recover(settings: Any, *, source: str, path: Path | None = None, value
                 with _progress(progress, count) as advance:
                     await _recover_items(items, prefix, selection, decryptor, output, report,
                                          strict=False, advance=advance, reencryptor=reencryptor)
+        if not report.objects:  # a typo in --name must not look like a successful recovery
+            skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.skipped.items())) or "none"
+            raise InvalidRequest(f"no KMS-encrypted object matched the selection (skipped: {skipped})",
+                                 fix="check --resource, --namespace, --name, --provider and --prefix")
         report.seconds = time.monotonic() - started
         output.finish(report)
     finally:
