@@ -7,7 +7,8 @@ Exit codes, the same for every command (docs/cli.md):
   (``status``), a doctor check failed, an audit log does not verify, the key state refuses the
   operation (retiring the current version);
 * 2 (``EXIT_USAGE``) bad usage or configuration: bad flags, a bad or missing config or keyring, a
-  missing optional dependency, ``keygen`` onto an existing file.
+  missing optional dependency, ``keygen`` onto an existing file;
+* ``migrate`` only: 3 stopped early (run again with ``--resume``), 4 done but the proof was skipped.
 
 Machine-readable output is ``--output json`` on every command that has any. Human output never
 shows Python values (``None``, ``True``, ``[]``) and, when stdout is not a terminal, prints every
