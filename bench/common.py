@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -103,3 +104,13 @@ def command_output(args: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return (result.stdout or result.stderr).strip()
+
+
+def throughput(objects: int, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The best of several timed runs (each with ``seconds`` and ``peak_rss_mb``) and the figures every
+    object-count benchmark reports: objects per second of the best run, the peak RSS of all, the machine."""
+    best = min(runs, key=lambda r: r["seconds"])
+    return best, {"runs": runs, "objects_per_second": round(objects / best["seconds"]),
+                  "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
+                  "machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
+                              "loadavg": os.getloadavg()}}

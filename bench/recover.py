@@ -17,7 +17,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -26,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.common import throughput
 from tests.conftest import KLEIDI, keygen
 from tests.e2e.cluster import ETCDCTL, Etcd
 from tests.tools import put_raw
@@ -107,13 +107,9 @@ def main() -> None:
                 raise RuntimeError(f"recover wrote {run['recovered']} of {args.objects}")
             shutil.rmtree(workdir / f"out-{i}")
             runs.append(run)
-        best = min(runs, key=lambda r: r["seconds"])
+        best, measured = throughput(args.objects, runs)
         figures = {"objects": args.objects, "secret_bytes": args.size, "load_seconds": round(load_seconds, 1),
-                   "snapshot_mb": round(snapshot.stat().st_size / 2**20, 1), "runs": runs,
-                   "objects_per_second": round(args.objects / best["seconds"]),
-                   "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
-                   "machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
-                               "loadavg": os.getloadavg()}}
+                   "snapshot_mb": round(snapshot.stat().st_size / 2**20, 1), **measured}
     finally:
         etcd.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.common import throughput
 from kleidi._crypto import kmsv2_storage as storage
 from kleidi._crypto.keyid import derive_key_id
 from tests.conftest import KLEIDI
@@ -106,13 +106,9 @@ def main() -> None:
             if report["objects"] != args.objects or {k: got.get(k, 0) for k in expected} != expected:
                 raise RuntimeError(f"scan miscounted: {got} != {expected}")
             run["objects"] = report["objects"]
-        best = min(runs, key=lambda r: r["seconds"])
+        best, measured = throughput(args.objects, runs)
         figures = {"objects": args.objects, "value_bytes": args.size, "page_size": args.page_size,
-                   "load_seconds": round(load_seconds, 1), "runs": runs, "launcher_rss_mb": launcher_rss_mb,
-                   "objects_per_second": round(args.objects / best["seconds"]),
-                   "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
-                   "machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
-                               "loadavg": os.getloadavg()}}
+                   "load_seconds": round(load_seconds, 1), "launcher_rss_mb": launcher_rss_mb, **measured}
     finally:
         etcd.stop()
         shutil.rmtree(workdir, ignore_errors=True)
