@@ -26,7 +26,7 @@ import pytest
 from kleidi.tools import migrate as mig
 from tests.conftest import KLEIDI, run_kleidi, wait_for
 from tests.e2e.cluster import ETCDCTL
-from tests.e2e.conftest import ControlPlane, apiserver_binary, cluster, control_plane  # noqa: F401 - fixtures
+from tests.e2e.conftest import ControlPlane
 from tests.e2e.test_kube_apiserver import create_secrets, key_id_of, provoke_status_poll, stored
 
 pytestmark = pytest.mark.e2e
@@ -75,7 +75,7 @@ def migrate_args(api: Any, plane: ControlPlane, state: Path, *extra: str) -> lis
             "--concurrency", "8", "--etcd-endpoints", plane.etcd.url, "--output", "json", *extra]
 
 
-def test_thousands_of_secrets_move_to_the_new_key_interrupted_and_resumed(cluster: Any) -> None:  # noqa: F811
+def test_thousands_of_secrets_move_to_the_new_key_interrupted_and_resumed(cluster: Any) -> None:
     plane, kleidi, api = cluster
     old_key_id = kleidi.status().key_id
     names = [f"s{i:04d}" for i in range(SECRETS)]
@@ -169,7 +169,7 @@ class RacingApi(mig.KubeApi):
         return super().request(method, path, query, body)
 
 
-def test_conflicts_are_retried_and_deleted_objects_skipped(cluster: Any) -> None:  # noqa: F811
+def test_conflicts_are_retried_and_deleted_objects_skipped(cluster: Any) -> None:
     plane, kleidi, api = cluster
     api.kubectl("create", "namespace", "racing")
     names = [f"changed{i}" for i in range(3)] + [f"deleted{i}" for i in range(2)] + [f"plain{i}" for i in range(5)]

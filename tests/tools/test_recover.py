@@ -29,7 +29,7 @@ from kleidi.tools import recover as rec
 from tests.backend_harness import BackendUnderTest, backend_params
 from tests.conftest import KleidiProcess, keygen, run_kleidi, wait_for
 from tests.e2e.cluster import ETCDCTL, KubeAPIServer
-from tests.e2e.conftest import ControlPlane, apiserver_binary, control_plane  # noqa: F401 - fixtures
+from tests.e2e.conftest import ControlPlane
 from tests.e2e.test_kube_apiserver import create_secrets
 from tests.test_storage_format import PLAINTEXT, TYPE0_DATA, TYPE0_KEY, TYPE1_DATA, TYPE1_SEED
 
@@ -94,14 +94,14 @@ def make_backup(plane: ControlPlane, backend: dict[str, Any] | None, custom_reso
 
 
 @pytest.fixture(params=backend_params())
-def backup(request: pytest.FixtureRequest, control_plane: ControlPlane) -> dict[str, Any]:  # noqa: F811
+def backup(request: pytest.FixtureRequest, control_plane: ControlPlane) -> dict[str, Any]:
     """A backup of a cluster on each backend (tests/backend_harness.py)."""
     backend: BackendUnderTest = request.param(request, control_plane.workdir)
     return make_backup(control_plane, backend.config)
 
 
 @pytest.fixture
-def local_backup(control_plane: ControlPlane) -> dict[str, Any]:  # noqa: F811
+def local_backup(control_plane: ControlPlane) -> dict[str, Any]:
     """A backup of the quickstart's cluster (local keyring)."""
     return make_backup(control_plane, None, custom_resource=True)
 
@@ -217,7 +217,7 @@ def test_recover_selections_data_dir_stdout_and_bad_input(local_backup: dict[str
 
 @pytest.mark.e2e
 def test_reencrypt_to_another_kek_restores_into_a_new_cluster(local_backup: dict[str, Any],
-                                                              apiserver_binary: str) -> None:  # noqa: F811
+                                                              apiserver_binary: str) -> None:
     """--reencrypt-to: the values, sealed for a new kleidi (another keyring), put into a new cluster's
     etcd with etcdctl as docs/disaster-recovery.md says, read back through that cluster's apiserver."""
     workdir = local_backup["plane"].workdir / "new-cluster"
@@ -259,7 +259,7 @@ class KmsV1APIServer(KubeAPIServer):
 
 
 @pytest.mark.e2e
-def test_recover_kms_v1_values(control_plane: ControlPlane, apiserver_binary: str) -> None:  # noqa: F811
+def test_recover_kms_v1_values(control_plane: ControlPlane, apiserver_binary: str) -> None:
     """kleidi serving v1beta1 to an apiserver configured with a KMS v1 provider: the stored
     k8s:enc:kms:v1: values are recovered from a snapshot and as one raw value."""
     plane = control_plane

@@ -23,14 +23,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kleidi._crypto import kmsv2_storage as storage
 from tests.conftest import KleidiProcess, run_kleidi
-from tests.e2e import conftest as e2e_fixtures
 from tests.e2e.cluster import Etcd
 from tests.support import free_port
 from tests.tools import put_raw
 from tests.vault.openbao import LocalCA
-
-# The e2e suite's fixtures (tests/e2e/conftest.py), for the one test against a real kube-apiserver.
-apiserver_binary, control_plane = e2e_fixtures.apiserver_binary, e2e_fixtures.control_plane
 
 
 @pytest.fixture(scope="module")
