@@ -5,14 +5,17 @@ Each move: a second kleidi on the new backend on its own socket; the apiserver's
 lists two kms providers, the new one first (it encrypts every write) and the old one second (it still
 decrypts what is stored with it), under different names; ``kleidi migrate`` rewrites every Secret;
 ``kleidi scan --fail-if key-id=<old>`` proves etcd holds nothing on the old key; the old provider is
-removed, the old kleidi stopped, and every Secret still reads. Real etcd, real kube-apiserver (the e2e
+removed, the old kleidi stopped, and every Secret still reads. A backup taken before the moves is then
+recovered with the first kleidi's config (not with the last one's). Real etcd, real kube-apiserver (the e2e
 suite's, restarted on each configuration change: the automatic reload polls the file only once a minute),
 real kleidi processes, a real OpenBao server and a real SoftHSM2 token.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
 from typing import Any
 
 import pytest
@@ -20,7 +23,7 @@ import yaml
 
 from kleidi.tools import migrate as mig
 from tests.conftest import KleidiProcess, run_kleidi
-from tests.e2e.cluster import KubeAPIServer
+from tests.e2e.cluster import ETCDCTL, KubeAPIServer
 from tests.e2e.conftest import ControlPlane
 from tests.e2e.test_kube_apiserver import assert_reads_back, create_secrets, key_id_of, stored
 from tests.test_backend_pkcs11 import backend_under_test as pkcs11_backend
@@ -116,8 +119,28 @@ def test_local_to_vault_to_pkcs11(request: pytest.FixtureRequest, control_plane:
     expected = {"default": create_secrets(api, [f"s{i}" for i in range(20)]),
                 "team-a": create_secrets(api, ["token", "db"], namespace="team-a")}
 
+    backup = plane.workdir / "before-move.snapshot"  # a backup taken before the move
+    subprocess.run([ETCDCTL, "--endpoints", plane.etcd.url, "snapshot", "save", str(backup)], capture_output=True,
+                   check=True)
+    before = {namespace: dict(secrets) for namespace, secrets in expected.items()}
+
     vault = plane.kleidi("kleidi-vault", backend=vault_backend(request, plane.workdir).config)
     api = move(plane, api, expected, ("kleidi-local", local), ("kleidi-vault", vault), "to-vault")
 
     hsm = plane.kleidi("kleidi-hsm", backend=pkcs11_backend(request, plane.workdir).config)
     api = move(plane, api, expected, ("kleidi-vault", vault), ("kleidi-hsm", hsm), "to-hsm")
+
+    # The backup taken before the move is still on the old KEK: the new kleidi cannot open it, the old
+    # kleidi's config (and its keyring, kept) can, with no kleidi running.
+    def recover(config: Any, out: str) -> subprocess.CompletedProcess[str]:
+        return run_kleidi("recover", "--config", str(config), "--snapshot", str(backup), "--resource", "secrets",
+                          "--output-dir", str(plane.workdir / out), timeout=120)
+
+    assert recover(hsm.config_path, "with-new").returncode == 1
+    assert not (plane.workdir / "with-new").exists()
+    result = recover(local.config_path, "with-old")
+    assert result.returncode == 0, result.stderr
+    for namespace, secrets in before.items():
+        for name, data in secrets.items():
+            obj = yaml.safe_load((plane.workdir / "with-old" / "secrets" / namespace / f"{name}.yaml").read_text())
+            assert {k: base64.b64decode(v) for k, v in obj["data"].items()} == data, name
