@@ -6,7 +6,8 @@ lists two kms providers, the new one first (it encrypts every write) and the old
 decrypts what is stored with it), under different names; ``kleidi migrate`` rewrites every Secret;
 ``kleidi scan --fail-if key-id=<old>`` proves etcd holds nothing on the old key; the old provider is
 removed, the old kleidi stopped, and every Secret still reads. A backup taken before the moves is then
-recovered with the first kleidi's config (not with the last one's). Real etcd, real kube-apiserver (the e2e
+recovered with the first kleidi's config (not with the last one's), and one taken during the first move
+with each kleidi's config for its provider's values. Real etcd, real kube-apiserver (the e2e
 suite's, restarted on each configuration change: the automatic reload polls the file only once a minute),
 real kleidi processes, a real OpenBao server and a real SoftHSM2 token.
 """
@@ -61,6 +62,22 @@ def stored_as(plane: ControlPlane) -> dict[tuple[str, str], int]:
     return counts
 
 
+def snapshot(plane: ControlPlane, name: str) -> Any:
+    path = plane.workdir / f"{name}.snapshot"
+    subprocess.run([ETCDCTL, "--endpoints", plane.etcd.url, "snapshot", "save", str(path)], capture_output=True,
+                   check=True)
+    return path
+
+
+def recovered(plane: ControlPlane, out: str) -> dict[str, dict[str, dict[str, bytes]]]:
+    """namespace -> name -> data of every Secret ``kleidi recover`` wrote under ``out``."""
+    found: dict[str, dict[str, dict[str, bytes]]] = {}
+    for path in (plane.workdir / out / "secrets").glob("*/*.yaml"):
+        obj = yaml.safe_load(path.read_text())
+        found.setdefault(path.parent.name, {})[path.stem] = {k: base64.b64decode(v) for k, v in obj["data"].items()}
+    return found
+
+
 def scan(plane: ControlPlane, old_key_id: str, new: KleidiProcess) -> tuple[int, dict[str, Any]]:
     result = run_kleidi("scan", "--etcd-endpoints", plane.etcd.url, "--resources", "secrets", "--endpoint",
                         new.endpoint, "--fail-if", f"key-id={old_key_id}", "--output", "json")
@@ -85,6 +102,7 @@ def move(plane: ControlPlane, api: KubeAPIServer, expected: dict[str, dict[str, 
     expected["default"].update(create_secrets(api, [f"during-{step}"]))
     assert stored(plane, f"during-{step}").startswith(f"k8s:enc:kms:v2:{new_name}:".encode())
     assert key_id_of(stored(plane, f"during-{step}")) == new_key_id
+    snapshot(plane, f"{step}-during")  # a backup taken during the move: both providers' values
     code, report = scan(plane, old_key_id, new_kleidi)  # the proof can fail: here it must
     assert code == 1 and report["key_ids"] == {old_key_id: total, new_key_id: 1}, report
 
@@ -119,9 +137,7 @@ def test_local_to_vault_to_pkcs11(request: pytest.FixtureRequest, control_plane:
     expected = {"default": create_secrets(api, [f"s{i}" for i in range(20)]),
                 "team-a": create_secrets(api, ["token", "db"], namespace="team-a")}
 
-    backup = plane.workdir / "before-move.snapshot"  # a backup taken before the move
-    subprocess.run([ETCDCTL, "--endpoints", plane.etcd.url, "snapshot", "save", str(backup)], capture_output=True,
-                   check=True)
+    backup = snapshot(plane, "before-move")  # a backup taken before the move
     before = {namespace: dict(secrets) for namespace, secrets in expected.items()}
 
     vault = plane.kleidi("kleidi-vault", backend=vault_backend(request, plane.workdir).config)
@@ -132,15 +148,20 @@ def test_local_to_vault_to_pkcs11(request: pytest.FixtureRequest, control_plane:
 
     # The backup taken before the move is still on the old KEK: the new kleidi cannot open it, the old
     # kleidi's config (and its keyring, kept) can, with no kleidi running.
-    def recover(config: Any, out: str) -> subprocess.CompletedProcess[str]:
-        return run_kleidi("recover", "--config", str(config), "--snapshot", str(backup), "--resource", "secrets",
-                          "--output-dir", str(plane.workdir / out), timeout=120)
+    def recover(config: Any, source: Any, out: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_kleidi("recover", "--config", str(config), "--snapshot", str(source), "--resource", "secrets",
+                          "--output-dir", str(plane.workdir / out), *args, timeout=120)
 
-    assert recover(hsm.config_path, "with-new").returncode == 1
+    assert recover(hsm.config_path, backup, "with-new").returncode == 1
     assert not (plane.workdir / "with-new").exists()
-    result = recover(local.config_path, "with-old")
+    result = recover(local.config_path, backup, "with-old")
     assert result.returncode == 0, result.stderr
-    for namespace, secrets in before.items():
-        for name, data in secrets.items():
-            obj = yaml.safe_load((plane.workdir / "with-old" / "secrets" / namespace / f"{name}.yaml").read_text())
-            assert {k: base64.b64decode(v) for k, v in obj["data"].items()} == data, name
+    assert recovered(plane, "with-old") == before
+    # A backup taken during the first move holds values of both providers: one run per config and provider.
+    during = plane.workdir / "to-vault-during.snapshot"
+    result = recover(local.config_path, during, "during-local", "--provider", "kleidi-local")
+    assert result.returncode == 0, result.stderr
+    assert recovered(plane, "during-local") == before
+    result = recover(vault.config_path, during, "during-vault", "--provider", "kleidi-vault")
+    assert result.returncode == 0, result.stderr
+    assert recovered(plane, "during-vault") == {"default": {"during-to-vault": expected["default"]["during-to-vault"]}}
