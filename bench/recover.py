@@ -7,13 +7,14 @@ keyring, and per object HKDF + AES-GCM under its etcd key (kleidi._crypto.kmsv2_
 save`` writes the backup, etcd stops, and the real ``kleidi recover --snapshot`` runs ``--runs`` times (each a
 fresh process into a new directory) and must write every Secret. Reported: objects per second (wall time of
 the whole command: snapshot restore, throwaway etcd, decryption, files), CPU seconds and peak RSS of the
-recover process (wait4). Not run in CI.
+recover process (wait4). Not run in CI; the figure is in docs/benchmarks.md (bench/results/recover.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import multiprocessing
 import os
@@ -108,7 +109,8 @@ def main() -> None:
             shutil.rmtree(workdir / f"out-{i}")
             runs.append(run)
         best, measured = throughput(args.objects, runs)
-        figures = {"objects": args.objects, "secret_bytes": args.size, "load_seconds": round(load_seconds, 1),
+        figures = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                   "objects": args.objects, "secret_bytes": args.size, "load_seconds": round(load_seconds, 1),
                    "snapshot_mb": round(snapshot.stat().st_size / 2**20, 1), **measured}
     finally:
         etcd.stop()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+from bench.common import RESULTS
 from bench.targets import Target, evaluate, find_row
 
 OP_TITLE = {"status": "Status", "encrypt": "Encrypt", "decrypt": "Decrypt"}
-
+# The tools' own benchmarks, each run by its own command into bench/results/<name>.json (not by scripts/bench.sh).
+TOOL_RESULTS = ("scan", "recover", "resources")
 
 
 # Measured by hand while the TPM backend was written; bench/ does not drive the hardware backends yet.
@@ -52,7 +56,91 @@ def _rows_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render(results: dict[str, Any]) -> str:
+def load_tools(directory: Path = RESULTS) -> dict[str, Any]:
+    """The committed results of the tools' benchmarks (bench/results/scan.json, recover.json, resources.json)."""
+    return {name: json.loads(path.read_text()) for name in TOOL_RESULTS
+            if (path := directory / f"{name}.json").is_file()}
+
+
+def _load(loadavg: list[float] | str) -> str:
+    values = loadavg.split() if isinstance(loadavg, str) else loadavg
+    return " / ".join(f"{float(v):.2f}" for v in values)
+
+
+def _tools_section(tools: dict[str, Any]) -> list[str]:
+    """Tools and resources: kleidi scan, kleidi recover and kleidi serve's footprint, each from its own results file."""
+    out = ["## Tools and resources\n",
+           "Measured apart from the run above, each by its own command (below) into its own file in `bench/results/`; "
+           "`scripts/bench.sh` does not run them, and `scripts/bench.sh --render` renders them from those files. "
+           "Objects per second is the wall time of the whole command (start-up included), best of the runs; CPU is "
+           "the tool process's user + system seconds in that run; peak RSS is the largest over all runs (the "
+           "kernel's accounting of the child, wait4).\n"]
+    w = out.append
+    rows, commands, loads = [], [], []
+    for doc, what, command in (
+            (tools.get("scan"), "`kleidi scan` of a real etcd, {value_bytes}-byte values, page size {page_size}",
+             "python -m bench.scan --objects {objects} --size {value_bytes} --page-size {page_size} --runs {runs} "
+             "--json bench/results/scan.json"),
+            (tools.get("recover"), "`kleidi recover --snapshot` of Secrets ({secret_bytes} bytes of data each) from a "
+             "{snapshot_mb} MiB snapshot into YAML files",
+             "python -m bench.recover --objects {objects} --size {secret_bytes} --runs {runs} "
+             "--json bench/results/recover.json")):
+        if doc is None:
+            continue
+        best = min(doc["runs"], key=lambda r: r["seconds"])
+        fields = {**doc, "runs": len(doc["runs"])}
+        machine = doc["machine"]
+        rows.append(f"| {what.format(**fields)} | {doc['objects']:,} | {doc['objects_per_second']:,} | "
+                    f"{best['seconds']:.1f} s | {doc['peak_rss_mb']:.1f} MiB | {best['cpu_seconds']:.1f} s | "
+                    f"{doc.get('date', '?')}, {machine['nproc']} cores, Python {machine['python']} | "
+                    f"{_load(machine['loadavg'])} |")
+        commands.append(command.format(**fields))
+        loads.append((float(machine["loadavg"][0]), int(machine["nproc"])))
+    if rows:
+        w("| what | objects | objects/s | wall (best run) | peak RSS | CPU (best run) | when, where | "
+          "load average (1 / 5 / 15 min, at the end) |")
+        w("|---|---:|---:|---:|---:|---:|---|---|")
+        out.extend(rows)
+        w("")
+    resources = tools.get("resources")
+    if resources:
+        from bench.resources import Burst, Figures, table
+
+        meta, settings = resources["meta"], resources["settings"]
+        figures = [Figures(**{**f, "bursts": [Burst(**{k: v for k, v in b.items() if k != "cpu_per_1000"})
+                                              for b in f["bursts"]]}) for f in resources["figures"]]
+        w("### kleidi serve's memory and CPU\n")
+        w(f"`kleidi serve` with production settings, driven over its socket as kube-apiserver drives it: "
+          f"{settings['idle']:.0f} s idle with a Status call every {settings['status_every']:.0f} s, then bursts of "
+          f"{settings['calls']:,} Encrypt, Decrypt and Status calls, then {settings['settle']:.0f} s idle again "
+          "(the steps are in [deploy/static-pod.md](deploy/static-pod.md#resources), whose requests and limits come "
+          f"from these figures). {meta['date']}, kleidi {meta['kleidi']}, Python {meta['python']}, grpcio "
+          f"{meta['grpcio']}, {meta['nproc']} x {meta['cpu']}, load average before {_load(meta['loadavg_before'])}.\n")
+        w(table(figures) + "\n")
+        w("Suggested by the script's rule: " + ", ".join(f"`{k}` {v}" for k, v in resources["suggested"].items())
+          + ".\n")
+        backends = settings.get("backend") or ["local", "vault", "image"]
+        commands.append("python -m bench.resources " + " ".join(f"--backend {b}" for b in backends)
+                        + f" --idle {settings['idle']:g} --status-every {settings['status_every']:g} "
+                        f"--calls {settings['calls']} --settle {settings['settle']:g} "
+                        "--json bench/results/resources.json")
+        loads.append((float(meta["loadavg_before"].split()[0]), int(meta["nproc"])))
+        if "image" not in backends:
+            w("The image column (`--backend image`: the local backend in kleidi's image under podman) was not part "
+              "of this run; [deploy/static-pod.md](deploy/static-pod.md#resources) has a measured one.\n")
+    busy = [load for load, cores in loads if load >= 0.5]
+    if busy:
+        w(f"Other work shared the machine's {loads[0][1]} cores while these were measured (1-minute load average "
+          f"up to {max(busy):.2f}, in the tables): wall times and objects per second are pessimistic; CPU seconds "
+          "and RSS are the least affected.\n")
+    w("Reproduce, from the repository root with the test venv (`scripts/setup.sh test`; they start a real etcd "
+      "and, for Vault, the test suite's OpenBao):\n")
+    w("```sh\n" + "\n".join(f".venv/bin/{c}" for c in commands) + "\n```\n")
+    return out
+
+
+def render(results: dict[str, Any], tools: dict[str, Any] | None = None) -> str:
+    """The page: the run in ``results`` (latest.json), then the tools' results (``load_tools()`` when None)."""
     meta = results["meta"]
     peer = results.get("peer") or {}
     targets = evaluate(results)
@@ -260,4 +348,7 @@ def render(results: dict[str, Any]) -> str:
       "- kleidi runs as `kleidi serve` with production defaults (log level info, refresh 5 s, probe 30 s, "
       "metrics listener on, audit log off), started through the test suite's `KleidiProcess`.\n"
       "- Targets are report figures, not test assertions.\n")
+    tools = load_tools() if tools is None else tools
+    if tools:
+        out.extend(_tools_section(tools))
     return "\n".join(out)

@@ -7,12 +7,13 @@ middle of a rotation: 70% Secrets as KMS v2 EncryptedObjects on kleidi's current
 ConfigMaps in plaintext protobuf. Then the real ``kleidi scan --output json`` runs against it ``--runs`` times,
 each a fresh process, and must count exactly what was written. Reported: objects per second (wall time of the
 whole command, start-up included), CPU seconds, and peak RSS of the scan process (the kernel's own accounting of the
-child: wait4's ru_maxrss and CPU times). Not run in CI; the figure is recorded in docs/rotation.md.
+child: wait4's ru_maxrss and CPU times). Not run in CI; the figure is in docs/benchmarks.md (bench/results/scan.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import multiprocessing
 import os
@@ -107,7 +108,8 @@ def main() -> None:
                 raise RuntimeError(f"scan miscounted: {got} != {expected}")
             run["objects"] = report["objects"]
         best, measured = throughput(args.objects, runs)
-        figures = {"objects": args.objects, "value_bytes": args.size, "page_size": args.page_size,
+        figures = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                   "objects": args.objects, "value_bytes": args.size, "page_size": args.page_size,
                    "load_seconds": round(load_seconds, 1), "launcher_rss_mb": launcher_rss_mb, **measured}
     finally:
         etcd.stop()

@@ -12,9 +12,41 @@ RESULTS = ROOT / "bench" / "results" / "latest.json"
 
 
 def test_benchmarks_page_is_the_rendering_of_the_committed_results():
+    """All of them: latest.json (scripts/bench.sh) and the tools' files (scan, recover, resources)."""
     results = json.loads(RESULTS.read_text())
+    tools = report.load_tools(RESULTS.parent)
+    assert sorted(tools) == sorted(report.TOOL_RESULTS), "a tools results file is missing from bench/results"
     page = (ROOT / "docs" / "benchmarks.md").read_text()
-    assert page == report.render(results), "regenerate it: scripts/bench.sh --render"
+    assert page == report.render(results, tools), "regenerate it: scripts/bench.sh --render"
+    # scripts/bench.sh --render calls render(results): it must find the same files by itself
+    assert page == report.render(results), "render() without tools must read bench/results/ itself"
+    # the tools section is added after the run's own page, which stays as it was
+    assert page.startswith(report.render(results, {}))
+    assert "## Tools and resources" not in report.render(results, {})
+
+
+def test_each_tools_figure_is_on_the_page_with_the_command_that_reproduces_it():
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = page.split("## Tools and resources\n", 1)[1]
+    tools = report.load_tools(RESULTS.parent)
+    for name in ("scan", "recover"):
+        doc = tools[name]
+        best = min(doc["runs"], key=lambda r: r["seconds"])
+        assert doc["objects_per_second"] == round(doc["objects"] / best["seconds"])
+        row = next(line for line in section.splitlines() if line.startswith(f"| `kleidi {name}"))
+        assert (f"| {doc['objects']:,} | {doc['objects_per_second']:,} | {best['seconds']:.1f} s | "
+                f"{doc['peak_rss_mb']:.1f} MiB | {best['cpu_seconds']:.1f} s |") in row, row
+        assert f"python -m bench.{name} --objects {doc['objects']} " in section
+        assert f"--json bench/results/{name}.json" in section
+    assert tools["scan"]["objects"] == 100_000, "issue #14 asks for the scan of 100,000 objects"
+    resources = tools["resources"]
+    for figures in resources["figures"]:
+        assert f"| {figures['backend']} |" in section
+        assert f"{figures['peak_rss_mib']:.1f} MiB" in section
+        assert f"{figures['idle_millicores']:.1f} m" in section
+    for key, value in resources["suggested"].items():
+        assert f"`{key}` {value}" in section
+    assert "--json bench/results/resources.json" in section
 
 
 def test_every_target_is_measured_and_reported_met_or_with_its_gap():
