@@ -8,8 +8,9 @@ decrypts what is stored with it), under different names; ``kleidi migrate`` rewr
 removed, the old kleidi stopped, and every Secret still reads. A backup taken before the moves is then
 recovered with the first kleidi's config (not with the last one's), and one taken during the first move
 with each kleidi's config for its provider's values. Real etcd, real kube-apiserver (the e2e
-suite's, restarted on each configuration change: the automatic reload polls the file only once a minute),
-real kleidi processes, a real OpenBao server and a real SoftHSM2 token.
+suite's, restarted on each configuration change but the last, which it takes up by its automatic reload:
+that polls the file once a minute, too slow for every step), real kleidi processes, a real OpenBao server
+and a real SoftHSM2 token.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 import yaml
 
 from kleidi.tools import migrate as mig
-from tests.conftest import KleidiProcess, run_kleidi
+from tests.conftest import KleidiProcess, run_kleidi, wait_for
 from tests.e2e.cluster import ETCDCTL, KubeAPIServer
 from tests.e2e.conftest import ControlPlane
 from tests.e2e.test_kube_apiserver import assert_reads_back, create_secrets, key_id_of, stored
@@ -78,6 +79,15 @@ def recovered(plane: ControlPlane, out: str) -> dict[str, dict[str, dict[str, by
     return found
 
 
+def reloads(api: KubeAPIServer) -> int:
+    """How many times the apiserver reloaded its EncryptionConfiguration successfully (its own metric)."""
+    status, text = api.get("/metrics")
+    assert status == 200, text[:200]
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("apiserver_encryption_config_controller_automatic_reloads_total{")
+               and 'status="success"' in line)
+
+
 def scan(plane: ControlPlane, old_key_id: str, new: KleidiProcess) -> tuple[int, dict[str, Any]]:
     result = run_kleidi("scan", "--etcd-endpoints", plane.etcd.url, "--resources", "secrets", "--endpoint",
                         new.endpoint, "--fail-if", f"key-id={old_key_id}", "--output", "json")
@@ -86,7 +96,8 @@ def scan(plane: ControlPlane, old_key_id: str, new: KleidiProcess) -> tuple[int,
 
 
 def move(plane: ControlPlane, api: KubeAPIServer, expected: dict[str, dict[str, dict[str, bytes]]],
-         old: tuple[str, KleidiProcess], new: tuple[str, KleidiProcess], step: str) -> KubeAPIServer:
+         old: tuple[str, KleidiProcess], new: tuple[str, KleidiProcess], step: str,
+         reload: bool = False) -> KubeAPIServer:
     """One move from ``old`` to ``new`` (provider name, kleidi) as the docs describe; returns the apiserver
     left running on ``new`` alone. ``expected``: namespace -> Secret name -> data, every Secret there is."""
     (old_name, old_kleidi), (new_name, new_kleidi) = old, new
@@ -120,10 +131,17 @@ def move(plane: ControlPlane, api: KubeAPIServer, expected: dict[str, dict[str, 
     assert {(row["provider"], row["key_state"]) for row in report["rows"]} == {(new_name, "current")}, report
     assert stored_as(plane) == {(new_name, new_key_id): total + 1}
 
-    # 4. The old provider removed from the config, the old kleidi stopped: everything still reads.
-    api.stop()
-    old_kleidi.stop()
-    api = plane.apiserver(f"{step}-done", config=encryption_config(plane, f"{step}-done.yaml", new))
+    # 4. The old provider removed from the config, then the old kleidi stopped: everything still reads.
+    if reload:  # the apiserver's automatic reload of the file it was started with (polled once a minute)
+        assert api.encryption_config is not None
+        encryption_config(plane, api.encryption_config.name, new)
+        wait_for(lambda: reloads(api) >= 1, 150, "the apiserver to reload its EncryptionConfiguration", interval=2)
+        old_kleidi.stop()
+        assert api.get("/readyz")[0] == 200, api.get("/readyz?verbose")[1]
+    else:  # a restart, as without --encryption-provider-config-automatic-reload
+        api.stop()
+        old_kleidi.stop()
+        api = plane.apiserver(f"{step}-done", config=encryption_config(plane, f"{step}-done.yaml", new))
     for namespace, secrets in expected.items():
         assert_reads_back(api, secrets, namespace)
     return api
@@ -144,7 +162,7 @@ def test_local_to_vault_to_pkcs11(request: pytest.FixtureRequest, control_plane:
     api = move(plane, api, expected, ("kleidi-local", local), ("kleidi-vault", vault), "to-vault")
 
     hsm = plane.kleidi("kleidi-hsm", backend=pkcs11_backend(request, plane.workdir).config)
-    api = move(plane, api, expected, ("kleidi-vault", vault), ("kleidi-hsm", hsm), "to-hsm")
+    api = move(plane, api, expected, ("kleidi-vault", vault), ("kleidi-hsm", hsm), "to-hsm", reload=True)
 
     # The backup taken before the move is still on the old KEK: the new kleidi cannot open it, the old
     # kleidi's config (and its keyring, kept) can, with no kleidi running.
