@@ -131,8 +131,8 @@ def _tools_section(tools: dict[str, Any]) -> list[str]:
     busy = [load for load, cores in loads if load >= 0.5]
     if busy:
         w(f"Other work shared the machine's {loads[0][1]} cores while these were measured (1-minute load average "
-          f"up to {max(busy):.2f}, in the tables): wall times and objects per second are pessimistic; CPU seconds "
-          "and RSS are the least affected.\n")
+          f"up to {max(busy):.2f}; each figure's is shown with it): wall times and objects per second are "
+          "pessimistic; CPU seconds and RSS are the least affected.\n")
     w("Reproduce, from the repository root with the test venv (`scripts/setup.sh test`; they start a real etcd "
       "and, for Vault, the test suite's OpenBao):\n")
     w("```sh\n" + "\n".join(f".venv/bin/{c}" for c in commands) + "\n```\n")
