@@ -117,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                         "quick.json with --quick); the Markdown report is written next to it")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md (full mode)")
     parser.add_argument("--render", action="store_true", help="measure nothing: regenerate docs/benchmarks.md "
-                        "from bench/results/latest.json")
+                        "from bench/results/latest.json and the tools' results (scan, recover, resources)")
     args = parser.parse_args(argv)
     if args.render:
         stored = json.loads((RESULTS / "latest.json").read_text())
         (ROOT / "docs" / "benchmarks.md").write_text(report.render(stored))
-        log("wrote docs/benchmarks.md from bench/results/latest.json")
+        log("wrote docs/benchmarks.md from bench/results/latest.json and the tools' results")
         return 0
     conf = QUICK if args.quick else FULL
     began = time.monotonic()
