@@ -423,11 +423,13 @@ def deploy_group() -> None:
                    "the built-in defaults if that file does not exist].")
 @click.option("--image", default="localhost/kleidi:0.1.0", show_default=True, help="kleidi's container image.")
 @click.option("--namespace", default="kube-system", show_default=True, help="The mirror pod's namespace.")
+@click.option("--name", default="kleidi", show_default=True,
+              help="The pod's name, e.g. kleidi-vault for a second kleidi while moving to another backend.")
 @click.option("--mount", "mounts", multiple=True, metavar="PATH[:ro|:rw]",
               help="Also mount this host path (read-only unless :rw), e.g. a PKCS#11 module's own files. Repeatable.")
 @click.option("--supplemental-group", "groups", multiple=True, type=click.IntRange(min=0), metavar="GID",
               help="Add this gid to kleidi's groups, e.g. the group of /dev/tpmrm0. Repeatable.")
-def deploy_static_pod(config_file: Path | None, image: str, namespace: str, mounts: tuple[str, ...],
+def deploy_static_pod(config_file: Path | None, image: str, namespace: str, name: str, mounts: tuple[str, ...],
                       groups: tuple[int, ...]) -> None:
     """Print the static pod manifest for /etc/kubernetes/manifests/kleidi.yaml: kleidi as uid 10001 with no
     capabilities, mounting read-only exactly the files its config reads."""
@@ -435,11 +437,12 @@ def deploy_static_pod(config_file: Path | None, image: str, namespace: str, moun
 
     args = "".join(f" {flag} {value}" for flag, value in (
         ("--config", config_file), ("--image", None if image == "localhost/kleidi:0.1.0" else image),
-        ("--namespace", None if namespace == "kube-system" else namespace)) if value is not None)
+        ("--namespace", None if namespace == "kube-system" else namespace),
+        ("--name", None if name == "kleidi" else name)) if value is not None)
     args += "".join(f" --mount {m}" for m in mounts) + "".join(f" --supplemental-group {g}" for g in groups)
     path = config_file if config_file is not None else DEFAULT_CONFIG
     settings = load(config_file if config_file is not None or default_config_exists() else None)
-    click.echo(render_yaml(settings, path, image, namespace, mounts, groups, args), nl=False)
+    click.echo(render_yaml(settings, path, image, namespace, mounts, groups, args, name), nl=False)
 
 
 # -- config ---------------------------------------------------------------------------------------

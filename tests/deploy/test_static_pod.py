@@ -122,6 +122,21 @@ def test_mounts_are_what_each_config_reads(tmp_path: Path) -> None:
         assert _mounts(yaml.safe_load(out)) == mounts, kind
 
 
+def test_a_second_kleidi_gets_its_own_pod_name(tmp_path: Path) -> None:
+    """While moving to another backend two kleidis run side by side: each static pod needs its own name."""
+    code, out, err = _render(tmp_path, EXAMPLES["vault"], "--name", "kleidi-vault")
+    assert code == 0, err
+    manifest = yaml.safe_load(out)
+    assert manifest["metadata"]["name"] == "kleidi-vault"
+    assert manifest["spec"]["containers"][0]["name"] == "kleidi"
+    assert "/etc/kubernetes/manifests/kleidi-vault.yaml" in out.splitlines()[0]
+    assert "--name kleidi-vault" in out.splitlines()[1]
+    for bad in ("Kleidi", "kleidi_vault", "-kleidi", "k" * 41):
+        code, out, err = _render(tmp_path, EXAMPLES["vault"], "--name", bad)
+        assert code == 2 and "not a valid pod name" in err and "fix:" in err, (bad, err)
+        assert out == ""
+
+
 def test_extra_mounts_and_groups(tmp_path: Path) -> None:
     code, out, err = _render(tmp_path, EXAMPLES["pkcs11"], "--mount", "/etc/softhsm2.conf",
                              "--mount", "/var/lib/softhsm:rw", "--supplemental-group", "107",

@@ -12,6 +12,7 @@ ServiceAccount token (automountServiceAccountToken: false) and no API call.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,6 +23,9 @@ from kleidi.errors import ConfigError
 
 DEFAULT_IMAGE = "localhost/kleidi:0.1.0"
 DEFAULT_CONFIG = Path("/etc/kleidi/config.yaml")
+DEFAULT_NAME = "kleidi"
+# A DNS label short enough for the mirror pod's name, <name>-<node name>, to stay a valid one too.
+POD_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,38}[a-z0-9])?")
 KLEIDI_UID = 10001
 KLEIDI_GID = 10001
 
@@ -167,8 +171,12 @@ def _volume_name(path: str, used: set[str]) -> str:
 
 def render_manifest(settings: Any, config_file: Path = DEFAULT_CONFIG, image: str = DEFAULT_IMAGE,
                     namespace: str = "kube-system", extra_mounts: tuple[str, ...] = (),
-                    supplemental_groups: tuple[int, ...] = ()) -> dict[str, Any]:
+                    supplemental_groups: tuple[int, ...] = (), pod_name: str = DEFAULT_NAME) -> dict[str, Any]:
     """The static pod, as a dict, for kleidi with ``settings`` read from ``config_file`` on the host."""
+    if not POD_NAME.fullmatch(pod_name):
+        raise ConfigError(f"--name {pod_name!r} is not a valid pod name",
+                          fix="use lower-case letters, digits and '-', starting and ending with a letter or digit, "
+                              "at most 40 characters (the kubelet appends the node's name), e.g. kleidi-vault")
     if not config_file.is_absolute():
         raise ConfigError(f"--config {config_file} is relative; the kubelet mounts host paths by absolute path",
                           fix=f"pass the absolute path, e.g. --config {DEFAULT_CONFIG}")
@@ -214,7 +222,7 @@ def render_manifest(settings: Any, config_file: Path = DEFAULT_CONFIG, image: st
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": "kleidi",
+            "name": pod_name,
             "namespace": namespace,
             "labels": {"app.kubernetes.io/name": "kleidi", "app.kubernetes.io/component": "kms-plugin",
                        "tier": "control-plane"},
@@ -246,7 +254,7 @@ def render_manifest(settings: Any, config_file: Path = DEFAULT_CONFIG, image: st
 
 
 HEADER = """\
-# kleidi as a static pod: copy to /etc/kubernetes/manifests/kleidi.yaml on each control-plane node.
+# kleidi as a static pod: copy to /etc/kubernetes/manifests/{name}.yaml on each control-plane node.
 # Made by `kleidi deploy static-pod{args}`; run it again for your own config
 # (it mounts exactly the paths that config reads). docs/deploy/static-pod.md explains every field.
 """
@@ -254,7 +262,7 @@ HEADER = """\
 
 def render_yaml(settings: Any, config_file: Path = DEFAULT_CONFIG, image: str = DEFAULT_IMAGE,
                 namespace: str = "kube-system", extra_mounts: tuple[str, ...] = (),
-                supplemental_groups: tuple[int, ...] = (), args: str = "") -> str:
+                supplemental_groups: tuple[int, ...] = (), args: str = "", pod_name: str = DEFAULT_NAME) -> str:
     """The manifest as YAML, with a header comment naming the command that made it."""
-    manifest = render_manifest(settings, config_file, image, namespace, extra_mounts, supplemental_groups)
-    return HEADER.format(args=args) + yaml.safe_dump(manifest, sort_keys=False, width=120)
+    manifest = render_manifest(settings, config_file, image, namespace, extra_mounts, supplemental_groups, pod_name)
+    return HEADER.format(args=args, name=pod_name) + yaml.safe_dump(manifest, sort_keys=False, width=120)
