@@ -106,7 +106,8 @@ echo "$pins" | grep -v -i '^kleidi' > "$work/constraints.txt"
 
 echo "image: trimming" >&2
 stdlib=$rootfs/usr/lib/python3.11
-rm -rf "$site/bin" "$site"/pip "$site"/pip-* "$site"/setuptools "$site"/_distutils_hack \
+rm -rf "$site/bin" "$site"/pip "$site"/pip-* "$site"/setuptools "$site"/setuptools-* "$site"/_distutils_hack \
+  "$site"/distutils-precedence.pth \
   "$stdlib"/{test,idlelib,tkinter,turtledemo,ensurepip,lib2to3,pydoc_data,distutils/tests,venv} \
   "$stdlib"/lib-dynload/{readline,_curses,_curses_panel,_dbm,_gdbm,nis,_sqlite3,_tkinter}.*so \
   "$stdlib"/sqlite3 "$stdlib"/curses "$stdlib"/dbm "$stdlib"/turtle.py \
