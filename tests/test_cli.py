@@ -410,6 +410,71 @@ def test_encryption_config_refuses_bad_input(args):
     assert result.stdout == ""  # nothing that could end up in a file the apiserver reads
 
 
+def _kms_yaml(name: str, endpoint: str) -> str:
+    return f"""  - kms:
+      apiVersion: v2
+      name: {name}
+      endpoint: {endpoint}
+      timeout: 3s
+"""
+
+
+_HEADER = """# kube-apiserver --encryption-provider-config=<this file>
+# The kms provider encrypts new writes; identity reads objects written before encryption was
+# enabled. Remove identity once every object has been re-encrypted (docs/quickstart.md).
+# The other kms providers only decrypt what is stored with them: remove each once `kleidi scan`
+# finds nothing stored with it (docs/rotation.md, Moving to another backend).
+apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+- resources:
+  - secrets
+  providers:
+"""
+
+
+@pytest.mark.parametrize("previous", [
+    [("kleidi-local", "unix:///run/kleidi-local/kleidi.sock")],
+    [("kleidi-vault", "unix:///run/kleidi-vault/kleidi.sock"), ("kleidi-local", "unix:///run/kleidi-local/kleidi.sock")],
+], ids=["one-previous", "two-previous"])
+def test_encryption_config_with_previous_providers(previous):
+    """The new provider first (it encrypts every write), each previous one in the order given, identity last."""
+    args = [arg for name, endpoint in previous for arg in ("--previous", f"{name}={endpoint}")]
+    result = run_kleidi("encryption-config", "--name", "kleidi-hsm", "--endpoint", ENDPOINT, *args)
+    assert result.returncode == 0, result.stderr
+    expected = (_HEADER + _kms_yaml("kleidi-hsm", ENDPOINT)
+                + "".join(_kms_yaml(name, endpoint) for name, endpoint in previous) + "  - identity: {}\n")
+    assert result.stdout == expected
+
+
+def test_encryption_config_previous_takes_a_socket_path_as_endpoint():
+    result = run_kleidi("encryption-config", "--endpoint", ENDPOINT, "--no-identity-fallback",
+                        "--previous", "old = /run/old/kleidi.sock", "--previous", "older=@older")
+    assert result.returncode == 0, result.stderr
+    providers = yaml.safe_load(result.stdout)["resources"][0]["providers"]
+    assert [(p["kms"]["name"], p["kms"]["endpoint"]) for p in providers] == [
+        ("kleidi", ENDPOINT), ("old", "unix:///run/old/kleidi.sock"), ("older", "unix:///@older")]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--previous", "kleidi=unix:///run/old.sock"], "'kleidi' is listed twice"),
+    (["--previous", "a=unix:///run/a.sock", "--previous", "a=unix:///run/b.sock"], "'a' is listed twice"),
+    (["--previous", "unix:///run/old.sock"], "is not NAME=ENDPOINT"),
+    (["--previous", "old="], "is not NAME=ENDPOINT"),
+    (["--previous", "=unix:///run/old.sock"], "must be non-empty"),
+    (["--previous", "ol:d=unix:///run/old.sock"], "contain no ':'"),
+    (["--previous", "old=http://localhost/kms"], "must start with unix://"),
+], ids=["same-as-name", "twice", "no-name", "no-endpoint", "empty-name", "colon", "http"])
+def test_encryption_config_refuses_bad_previous(args, message):
+    result = run_kleidi("encryption-config", "--endpoint", ENDPOINT, *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "fix:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    if "listed twice" in message:
+        assert "never reuse a name for another KEK" in result.stderr
+
+
 # -- version --------------------------------------------------------------------------------------
 
 

@@ -178,13 +178,18 @@ def status(endpoint: str | None, config_file: Path | None, timeout: Duration, ou
               help="The apiserver's per-call KMS timeout, a duration such as 3s.")
 @click.option("--identity-fallback/--no-identity-fallback", default=True, show_default=True,
               help="List identity after kms so objects written before encryption can still be read.")
+@click.option("--previous", multiple=True, metavar="NAME=ENDPOINT",
+              help="An old kms provider listed after this one, only to decrypt what is stored with it (moving to "
+                   "another backend); repeatable, in order. Not contacted.")
 def encryption_config(name: str, endpoint: str | None, config_file: Path | None, resources: str, timeout: str,
-                      identity_fallback: bool) -> None:
+                      identity_fallback: bool, previous: tuple[str, ...]) -> None:
     """Print an EncryptionConfiguration for kube-apiserver that uses kleidi."""
     from kleidi import encryption_config as ec
 
+    old = [(old_name, _endpoint(old_endpoint, "--previous"))
+           for old_name, old_endpoint in map(ec.parse_previous, previous)]
     config = ec.build(name, _configured_endpoint(endpoint, config_file),
-                      [r.strip() for r in resources.split(",") if r.strip()], timeout, identity_fallback)
+                      [r.strip() for r in resources.split(",") if r.strip()], timeout, identity_fallback, old)
     click.echo(ec.render(config), nl=False)
 
 

@@ -167,16 +167,45 @@ def check_timeout(timeout: str) -> str:
     return timeout.strip()
 
 
-def build(name: str, endpoint: str, resources: list[str], timeout: str = "3s",
-          identity_fallback: bool = True) -> dict[str, Any]:
+def _check_name(name: str, flag: str, example: str) -> None:
     if not name or ":" in name:
-        raise ConfigError(f"--name: provider name {name!r} must be non-empty and contain no ':' (it becomes part of "
-                          "every stored value's prefix k8s:enc:kms:v2:<name>:)", fix="use e.g. --name kleidi")
+        raise ConfigError(f"{flag}: provider name {name!r} must be non-empty and contain no ':' (it becomes part of "
+                          "every stored value's prefix k8s:enc:kms:v2:<name>:)", fix=f"use e.g. {example}")
+
+
+def parse_previous(text: str) -> tuple[str, str]:
+    """``NAME=ENDPOINT`` of ``--previous`` as (name, endpoint); the endpoint is checked by :func:`build`."""
+    name, equals, endpoint = text.partition("=")
+    if not equals or not endpoint.strip():
+        raise ConfigError(f"--previous: {text!r} is not NAME=ENDPOINT",
+                          fix="give the old provider's name and its kleidi's socket, e.g. "
+                              "--previous kleidi-vault=unix:///run/kleidi-vault/kleidi.sock")
+    name = name.strip()
+    _check_name(name, "--previous", "--previous kleidi-old=unix:///run/kleidi-old/kleidi.sock")
+    return name, endpoint.strip()
+
+
+def build(name: str, endpoint: str, resources: list[str], timeout: str = "3s",
+          identity_fallback: bool = True, previous: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """One resources entry: the kms provider ``name`` (it encrypts every write), then each ``previous``
+    (name, endpoint) in order (they only decrypt what is stored with them), then identity if asked."""
+    _check_name(name, "--name", "--name kleidi")
     check_endpoint_flag(endpoint, "--endpoint")
     check_resources(resources)
     timeout = check_timeout(timeout)
+    kms = [(name, endpoint), *(previous or [])]
+    for i, (provider, provider_endpoint) in enumerate(kms[1:], start=1):
+        _check_name(provider, "--previous", "--previous kleidi-old=unix:///run/kleidi-old/kleidi.sock")
+        check_endpoint_flag(provider_endpoint, "--previous")
+        if any(provider == earlier for earlier, _ in kms[:i]):
+            raise ConfigError(
+                f"--previous: provider name {provider!r} is listed twice (kube-apiserver refuses duplicate kms "
+                "provider names)",
+                fix="give each provider its own name, and never reuse a name for another KEK: the name is in "
+                    "every stored value's prefix k8s:enc:kms:v2:<name>: and picks the provider that decrypts it")
     providers: list[dict[str, Any]] = [
-        {"kms": {"apiVersion": "v2", "name": name, "endpoint": endpoint, "timeout": timeout}}]
+        {"kms": {"apiVersion": "v2", "name": provider, "endpoint": provider_endpoint, "timeout": timeout}}
+        for provider, provider_endpoint in kms]
     if identity_fallback:
         providers.append({"identity": {}})
     return {"apiVersion": "apiserver.config.k8s.io/v1", "kind": "EncryptionConfiguration",
@@ -190,4 +219,7 @@ def render(config: dict[str, Any]) -> str:
                    "# enabled. Remove identity once every object has been re-encrypted (docs/quickstart.md).\n")
     else:
         header += ("# No identity fallback: objects not yet encrypted cannot be read through this config.\n")
+    if sum("kms" in p for r in config["resources"] for p in r["providers"]) > 1:
+        header += ("# The other kms providers only decrypt what is stored with them: remove each once `kleidi scan`\n"
+                   "# finds nothing stored with it (docs/rotation.md, Moving to another backend).\n")
     return header + yaml.safe_dump(config, sort_keys=False)

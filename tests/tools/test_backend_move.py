@@ -37,19 +37,16 @@ NAMESPACES = ("default", "team-a")
 
 
 def encryption_config(plane: ControlPlane, file_name: str, *providers: tuple[str, KleidiProcess]) -> Any:
-    """An EncryptionConfiguration with one kms provider per (name, kleidi), in this order, then identity:
-    each provider exactly as ``kleidi encryption-config`` prints it (the command emits one provider)."""
-    documents = []
-    for name, kleidi in providers:
-        result = run_kleidi("encryption-config", "--name", name, "--endpoint", kleidi.endpoint)
-        assert result.returncode == 0, result.stderr
-        documents.append(yaml.safe_load(result.stdout))
-    config = documents[0]
-    kms = [document["resources"][0]["providers"][0] for document in documents]
-    assert all("kms" in provider for provider in kms), kms
-    config["resources"][0]["providers"] = [*kms, {"identity": {}}]
+    """The EncryptionConfiguration ``kleidi encryption-config`` prints with one kms provider per (name, kleidi),
+    in this order (the first with --name/--endpoint, the others with --previous), then identity."""
+    (name, kleidi), *previous = providers
+    result = run_kleidi("encryption-config", "--name", name, "--endpoint", kleidi.endpoint,
+                        *[arg for old, process in previous for arg in ("--previous", f"{old}={process.endpoint}")])
+    assert result.returncode == 0, result.stderr
+    kinds = [next(iter(p)) for p in yaml.safe_load(result.stdout)["resources"][0]["providers"]]
+    assert kinds == ["kms"] * len(providers) + ["identity"], kinds
     path = plane.workdir / file_name
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(result.stdout)
     return path
 
 
