@@ -15,7 +15,10 @@
     ├── BackendUnavailable     the KEK cannot be used right now; retry later (gRPC UNAVAILABLE)
     ├── AuditUnavailable       the audit log cannot be written and audit.on_failure is fail_closed
     │                          (gRPC UNAVAILABLE)
-    └── KeyringError           the local keyring file is missing, unsafe or malformed
+    ├── KeyringError           the local keyring file is missing, unsafe or malformed
+    └── ServiceUnavailable     a service a command reads (etcd for scan/recover, kube-apiserver for
+                               migrate) cannot be reached or refuses it (gRPC UNAVAILABLE, were it ever
+                               raised while serving)
 
 Messages never hold plaintext, seeds, keys, tokens or passwords: they are logged and sent to the
 apiserver as they are.
@@ -85,3 +88,7 @@ class AuditUnavailable(KleidiError):
 
 class KeyringError(KleidiError):
     """The local keyring file is missing, has unsafe permissions, or is malformed."""
+
+
+class ServiceUnavailable(KleidiError):
+    """A service one of kleidi's commands reads (etcd, kube-apiserver) cannot be reached or refuses it."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from kleidi.errors import ConfigError, KleidiError
+from kleidi.errors import ConfigError, ServiceUnavailable
 
 DEFAULT_PAGE_SIZE = 500
 _CONNECTION_FIX = ("check --etcd-endpoints (kube-apiserver's --etcd-servers) and that etcd is up; for TLS give "
@@ -24,7 +24,7 @@ _CONNECTION_FIX = ("check --etcd-endpoints (kube-apiserver's --etcd-servers) and
                    "--etcd-cafile")
 
 
-class EtcdUnavailable(KleidiError):
+class EtcdUnavailable(ServiceUnavailable):
     """etcd cannot be read: no endpoint answers, TLS is refused, or the pinned revision was compacted."""
 
 

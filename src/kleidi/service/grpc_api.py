@@ -34,6 +34,7 @@ from kleidi.errors import (
     KeyringError,
     KleidiError,
     RetiredKey,
+    ServiceUnavailable,
     UnknownKey,
 )
 from kleidi.service import validation
@@ -52,6 +53,7 @@ GRPC_CODES: dict[type[KleidiError], grpc.StatusCode] = {
     AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
     KeyringError: grpc.StatusCode.UNAVAILABLE,
     ConfigError: grpc.StatusCode.UNAVAILABLE,  # at run time: e.g. a credential file went missing
+    ServiceUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 """The one table from kleidi errors to gRPC status codes; anything else is INTERNAL."""
 

@@ -38,7 +38,7 @@ from urllib.parse import quote
 
 from kleidi import __version__
 from kleidi.encryption_config import check_resource
-from kleidi.errors import ConfigError, KleidiError
+from kleidi.errors import ConfigError, ServiceUnavailable
 
 DEFAULT_QPS = 20.0
 DEFAULT_CONCURRENCY = 4
@@ -51,7 +51,7 @@ _REQUEST_TIMEOUT = 60.0
 _SERVER_ERROR_BACKOFF = 1.0
 
 
-class ApiUnavailable(KleidiError):
+class ApiUnavailable(ServiceUnavailable):
     """kube-apiserver cannot be reached or refuses kleidi migrate's requests (authentication, RBAC)."""
 
 
