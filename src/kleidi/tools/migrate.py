@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import quote
 
 from kleidi import __version__
+from kleidi.backends.local import write_atomically
 from kleidi.encryption_config import check_resource
 from kleidi.errors import ConfigError, ServiceUnavailable
 
@@ -308,14 +309,8 @@ class State:
         return cls(tuple(data["resources"]), data["namespace"], progress, float(data["started"]))
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.unlink(missing_ok=True)  # a leftover may have another mode: the new file is made 0600 here
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(self.to_json(), out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        """0600, written whole or not at all (the keyring's own atomic write)."""
+        write_atomically(path, json.dumps(self.to_json()))
 
 
 def load_state(path: Path, resources: tuple[str, ...], namespace: str | None, resume: bool) -> State:
